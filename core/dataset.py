@@ -1,0 +1,181 @@
+"""build: snapshot -> RecBole atomic files, and the RecBole dataset/dataloaders over them.
+
+The split itself is RecBole's (time-ordered leave-one-out or ratio, grouped by user), so
+our metrics are exactly what RecBole's evaluator computes. ``load_recbole_data`` rebuilds
+the dataloaders from the atomic files deterministically and caches them per process, so
+train, evaluate and export in one flow run share one build, and a retry on another
+process needs only the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import yaml
+
+from core import recbole_compat as rb
+from core.config import PipelineConfig
+from core.devices import resolve_device
+from core.errors import DataValidationError
+from core.records import ITEM, RATING, TIME, USER, DatasetSplits, Snapshot
+
+DATA_SUBDIR = "recbole"
+
+
+@dataclass
+class RecBoleData:
+    """The in-memory RecBole objects for one run (never crosses a task boundary)."""
+
+    config: Any  # recbole.config.Config
+    dataset: Any
+    train: Any
+    valid: Any
+    test: Any
+
+
+def eval_protocol(config: PipelineConfig) -> str:
+    """A stable id of what makes test metrics comparable: split and filters."""
+    d = config.dataset
+    split = "loo" if d.split == "loo" else "ratio:" + ",".join(f"{r:g}" for r in d.ratios)
+    return f"{split}|min_user={d.min_user_interactions}|min_item={d.min_item_interactions}"
+
+
+def write_atomic_files(snapshot: Snapshot, data_dir: Path) -> Path:
+    """Write ``<data_dir>/<name>/<name>.inter`` (tab-separated, typed header) for RecBole."""
+    target = data_dir / rb.DATASET_NAME
+    target.mkdir(parents=True, exist_ok=True)
+    frame = pl.read_parquet(snapshot.path)
+    # Tabs/newlines inside ids would break RecBole's TSV reader.
+    clean = [
+        pl.col(USER).str.replace_all(r"[\t\r\n]", " ").alias(f"{USER}:token"),
+        pl.col(ITEM).str.replace_all(r"[\t\r\n]", " ").alias(f"{ITEM}:token"),
+        (pl.col(TIME).dt.epoch("us").cast(pl.Float64) / 1_000_000).alias(f"{TIME}:float"),
+    ]
+    if snapshot.has_rating:
+        clean.append(pl.col(RATING).cast(pl.Float64).alias(f"{RATING}:float"))
+    path = target / f"{rb.DATASET_NAME}.inter"
+    frame.select(clean).write_csv(path, separator="\t", quote_style="never")
+    return path
+
+
+def _model_loss_type(model_name: str, params: dict[str, Any]) -> str | None:
+    if "loss_type" in params:
+        return str(params["loss_type"])
+    canonical = rb.available_models()[model_name.lower()]
+    defaults = yaml.safe_load((rb.RECBOLE_DIR / "properties" / "model" / f"{canonical}.yaml").read_text()) or {}
+    return defaults.get("loss_type")
+
+
+def recbole_config_dict(
+    config: PipelineConfig, data_dir: Path, checkpoint_dir: Path, has_rating: bool
+) -> dict[str, Any]:
+    d, t, e = config.dataset, config.training, config.evaluation
+    split = {"LS": "valid_and_test"} if d.split == "loo" else {"RS": list(d.ratios)}
+    load_cols = [USER, ITEM, TIME] + ([RATING] if has_rating else [])
+    out: dict[str, Any] = {
+        "data_path": str(data_dir),
+        "checkpoint_dir": str(checkpoint_dir),
+        "USER_ID_FIELD": USER,
+        "ITEM_ID_FIELD": ITEM,
+        "TIME_FIELD": TIME,
+        "RATING_FIELD": RATING,
+        "load_col": {"inter": load_cols},
+        "user_inter_num_interval": f"[{d.min_user_interactions},inf)",
+        "item_inter_num_interval": f"[{d.min_item_interactions},inf)",
+        "MAX_ITEM_LIST_LENGTH": d.max_seq_length,
+        "eval_args": {"split": split, "order": "TO", "group_by": "user", "mode": "full"},
+        "metrics": list(e.metrics),
+        "topk": list(e.topk),
+        "valid_metric": e.valid_metric,
+        "metric_decimal_place": 6,
+        "epochs": t.epochs,
+        "train_batch_size": t.train_batch_size,
+        "eval_batch_size": t.eval_batch_size,
+        "learning_rate": t.learning_rate,
+        "stopping_step": t.early_stopping_patience,
+        "seed": t.seed,
+        "reproducibility": True,
+        "show_progress": False,
+        "log_wandb": False,
+        "save_dataset": False,
+        "save_dataloaders": False,
+        "worker": 0,
+    }
+    out.update(config.model.params)
+    if _model_loss_type(config.model.name, config.model.params) == "CE":
+        out["train_neg_sample_args"] = None
+    return out
+
+
+_CACHE: dict[str, RecBoleData] = {}
+
+
+def load_recbole_data(
+    config: PipelineConfig, splits: DatasetSplits, checkpoint_dir: Path, *, model_name: str | None = None
+) -> RecBoleData:
+    """RecBole config, dataset and train/valid/test loaders for ``model_name`` (default: the config's)."""
+    name = model_name or config.model.name
+    has_rating = _has_rating_column(splits)
+    run_config = config.model_copy(deep=True)
+    run_config.model.name = name
+    if model_name is not None:
+        run_config.model.params = {}
+    device = resolve_device(config.training.device)
+    cfg_dict = recbole_config_dict(run_config, splits.data_dir, checkpoint_dir, has_rating)
+    key = hashlib.sha256(json.dumps([name, cfg_dict, str(device)], sort_keys=True, default=str).encode()).hexdigest()
+    if key in _CACHE:
+        return _CACHE[key]
+    rb_config = rb.make_config(name, cfg_dict, device)
+    # RecBole seeds torch/numpy/random globally from its config; do it before building.
+    from recbole.utils import init_seed
+
+    init_seed(rb_config["seed"], rb_config["reproducibility"])
+    dataset = rb.create_dataset(rb_config)
+    try:
+        train, valid, test = rb.data_preparation(rb_config, dataset)
+    except (ValueError, IndexError) as exc:
+        raise DataValidationError(f"cannot split the data for training: {exc}") from None
+    data = RecBoleData(rb_config, dataset, train, valid, test)
+    _CACHE.clear()  # one run's data at a time keeps memory flat in long-lived workers
+    _CACHE[key] = data
+    return data
+
+
+def _has_rating_column(splits: DatasetSplits) -> bool:
+    inter = splits.data_dir / splits.dataset_name / f"{splits.dataset_name}.inter"
+    with inter.open() as fh:
+        return f"{RATING}:float" in fh.readline()
+
+
+def build_dataset(snapshot: Snapshot, config: PipelineConfig, run_dir: Path) -> DatasetSplits:
+    """Write the atomic files and build the split once, to count what training will see."""
+    rb.resolve_model(config.model.name)  # fail fast on an unknown model name, before any work
+    data_dir = run_dir / DATA_SUBDIR
+    write_atomic_files(snapshot, data_dir)
+    splits = DatasetSplits(
+        data_dir=data_dir,
+        dataset_name=rb.DATASET_NAME,
+        users=0,
+        items=0,
+        interactions=0,
+        split=config.dataset.split,
+        fingerprint=snapshot.fingerprint,
+        eval_protocol=eval_protocol(config),
+    )
+    data = load_recbole_data(config, splits, run_dir / "checkpoints")
+    ds = data.dataset
+    if ds.user_num <= 2 or ds.item_num <= 2:
+        raise DataValidationError(
+            f"after filtering users with < {config.dataset.min_user_interactions} interactions, "
+            f"{ds.user_num - 1} users and {ds.item_num - 1} items remain: too few to train"
+        )
+    # RecBole reserves id 0 for padding, so counts are num - 1.
+    return splits.model_copy(update={"users": ds.user_num - 1, "items": ds.item_num - 1, "interactions": ds.inter_num})
+
+

@@ -1,0 +1,139 @@
+"""Typed records passed between steps.
+
+They hold paths into the run folder, counts and figures, never DataFrames or
+models, so Prefect can persist them and a retry needs nothing but the run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+# Canonical interaction columns every source produces.
+USER, ITEM, TIME, RATING = "user_id", "item_id", "timestamp", "rating"
+
+
+class Snapshot(BaseModel):
+    """Interactions extracted from a source, as Parquet in the run folder."""
+
+    path: Path
+    source: str
+    rows: int
+    users: int
+    items: int
+    has_rating: bool
+    min_time: str | None = None
+    max_time: str | None = None
+    fingerprint: str = Field(description="sha256 of the canonical snapshot content")
+
+
+class CheckResult(BaseModel):
+    name: str
+    success: bool
+    severity: Literal["error", "warning"] = "error"
+    details: str = ""
+    examples: list[str] = Field(default_factory=list)
+
+
+class ValidationReport(BaseModel):
+    suite: str
+    expectations_loaded: int
+    success: bool
+    checks: list[CheckResult]
+    report_path: Path
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [c for c in self.checks if not c.success and c.severity == "error"]
+
+    @property
+    def warnings(self) -> list[CheckResult]:
+        return [c for c in self.checks if not c.success and c.severity == "warning"]
+
+
+class DatasetSplits(BaseModel):
+    """RecBole atomic files built from a snapshot plus what the split produced."""
+
+    data_dir: Path
+    dataset_name: str
+    users: int
+    items: int
+    interactions: int
+    split: str
+    fingerprint: str
+    eval_protocol: str = Field(description="identifies split + filters; metrics compare only within it")
+
+
+class EpochStats(BaseModel):
+    epoch: int
+    train_loss: float
+    train_seconds: float
+    valid_score: float | None = None
+    valid_seconds: float | None = None
+
+
+class TrainedModel(BaseModel):
+    model_name: str
+    checkpoint: Path
+    best_epoch: int
+    best_valid_score: float | None
+    valid_metric: str
+    epochs: list[EpochStats]
+    device: str
+    train_batch_size: int
+    parameters: int
+    seconds: float
+
+
+class GateDecision(BaseModel):
+    promote: bool
+    metric: str
+    candidate: float
+    baseline: float
+    champion: float | None = None
+    champion_version: str | None = None
+    reasons: list[str]
+
+
+class Evaluation(BaseModel):
+    test: dict[str, float]
+    valid: dict[str, float]
+    baseline: dict[str, float]
+    champion: dict[str, float] | None = None
+    gate: GateDecision
+    metrics_path: Path
+
+
+class ExportedModel(BaseModel):
+    exported: bool
+    onnx_path: Path | None = None
+    reason: str | None = Field(default=None, description="why not exported, when exported is False")
+    max_abs_diff: float | None = None
+    top10_agreement: float | None = None
+    users_checked: int = 0
+    size_bytes: int | None = None
+    latency_ms_p50: float | None = None
+    card_path: Path
+
+
+class Promotion(BaseModel):
+    registry: Path
+    model_name: str
+    version: str
+    version_dir: Path
+    promoted: bool
+    champion: str | None = Field(description="champion version after this step")
+
+
+class PipelineResult(BaseModel):
+    status: Literal["promoted", "rejected", "failed"]
+    stage: str
+    error: str | None = None
+    run_dir: Path | None = None
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    gate: GateDecision | None = None
+    model_version: str | None = None
+    registry: Path | None = None
+    champion: str | None = None

@@ -1,0 +1,1 @@
+"""Serving: score with an exported model (onnxruntime only, no torch or RecBole)."""

@@ -1,0 +1,55 @@
+"""extract -> validate -> train -> evaluate -> export -> deploy, as one Prefect flow.
+
+Run it ad hoc from Python::
+
+    from core.config import load_config
+    from flows.training_pipeline import training_pipeline
+    result = training_pipeline(load_config("configs/ml-100k-sasrec.yaml"))
+
+A failing step raises ``PipelineFailed`` naming the step; the champion is never touched
+unless the gate passed and the new version is complete in the registry.
+"""
+
+from __future__ import annotations
+
+import flows  # noqa: F401  (Prefect environment defaults)
+from prefect import flow
+
+from core.config import PipelineConfig
+from core.records import PipelineResult
+from flows._stages import stage
+from tasks.build import build_task
+from tasks.deploy import deploy_task
+from tasks.evaluate import evaluate_task
+from tasks.export import export_task
+from tasks.extract import extract_task, prepare_run_task
+from tasks.train import train_task
+from tasks.validate import validate_task
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:  # noqa: B008
+    with stage("extract"):
+        run_dir = prepare_run_task(config)
+        snapshot = extract_task(config, run_dir)
+    with stage("validate", run_dir):
+        validate_task(snapshot, config, run_dir)
+    with stage("train", run_dir):
+        splits = build_task(snapshot, config, run_dir)
+        trained = train_task(config, splits, run_dir)
+    with stage("evaluate", run_dir):
+        evaluation = evaluate_task(config, splits, trained, run_dir)
+    with stage("export", run_dir):
+        exported = export_task(config, snapshot, splits, trained, evaluation, run_dir)
+    with stage("deploy", run_dir):
+        promotion = deploy_task(config, trained, evaluation, exported, run_dir)
+    return PipelineResult(
+        status="promoted" if promotion.promoted else "rejected",
+        stage="deploy",
+        run_dir=run_dir,
+        metrics={"test": evaluation.test, "valid": evaluation.valid, "baseline": evaluation.baseline},
+        gate=evaluation.gate,
+        model_version=promotion.version,
+        registry=promotion.registry,
+        champion=promotion.champion,
+    )

@@ -1,0 +1,24 @@
+"""What every task shares: which failures deserve a retry, and safe artifact keys."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from core.errors import RecflowError
+
+
+def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient failures only; a bad file or config fails the same way every time."""
+    try:
+        state.result()
+    except RecflowError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient (I/O, network)
+        return True
+    return False
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from core.config import PipelineConfig
+from core.export import export_model
+from core.model_card import build_card, write_card
+from core.records import DatasetSplits, Evaluation, ExportedModel, Snapshot, TrainedModel
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export_task(
+    config: PipelineConfig,
+    snapshot: Snapshot,
+    splits: DatasetSplits,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    run_dir: Path,
+) -> ExportedModel:
+    logger = get_run_logger()
+    exported, section = export_model(config, splits, trained, run_dir)
+    write_card(build_card(config, snapshot, splits, trained, evaluation, exported, section), exported.card_path)
+    if exported.exported:
+        logger.info("ONNX export: %.1f KiB, parity max|diff| %.1e on %d users, top-10 identical %.0f%%, p50 %.2f ms",
+                    (exported.size_bytes or 0) / 1024, exported.max_abs_diff or 0.0, exported.users_checked,
+                    100 * (exported.top10_agreement or 0.0), exported.latency_ms_p50 or 0.0)
+    else:
+        logger.warning("not exported to ONNX: %s (the checkpoint is still registered)", exported.reason)
+    return exported
