@@ -75,6 +75,7 @@ def run(
     item_col: Annotated[Optional[str], typer.Option("--item-col", help="item id column in --data")] = None,
     time_col: Annotated[Optional[str], typer.Option("--time-col", help="timestamp column (ISO or epoch seconds)")] = None,
     rating_col: Annotated[Optional[str], typer.Option("--rating-col", help="optional rating column")] = None,
+    separator: Annotated[Optional[str], typer.Option("--separator", help="CSV field separator (default ',')")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="any RecBole model name, e.g. SASRec, BPR")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto|cpu|cuda|mps")] = None,
@@ -90,6 +91,7 @@ def run(
         "columns.item": item_col,
         "columns.time": time_col,
         "columns.rating": rating_col,
+        "source.separator": separator,
         "model.name": model,
         "training.epochs": epochs,
         "training.device": device,
@@ -107,6 +109,10 @@ def run(
         cfg = load_config(config, overrides)
         cfg.model.name = canonical_model_name(cfg.model.name)
         summary["registry"] = str(cfg.registry.path.resolve())
+        summary["stage"] = "extract"
+        from core.extract import preflight
+
+        preflight(cfg)
     except RecflowError as exc:
         summary["error"] = str(exc)
         _write_summary(summary_json, summary)

@@ -46,3 +46,12 @@ def extract(config: PipelineConfig, run_dir: Path) -> Snapshot:
         max_time=times.max().isoformat() if len(times) else None,  # type: ignore[union-attr]
         fingerprint=frame_fingerprint(frame),
     )
+
+
+def preflight(config: PipelineConfig) -> None:
+    """Cheap checks a user can fix before anything starts: the file opens and the columns exist."""
+    source = make_source(config)
+    try:
+        source.scan().collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise DataSourceError(f"cannot read {source.name}: {str(exc).strip().splitlines()[0]}") from None

@@ -56,7 +56,7 @@ class FileSource:
                 if sep in only:
                     raise DataSourceError(
                         f"{self.path}: found one column {only[:60]!r}; the file looks {sep!r}-separated "
-                        f"(set source.separator)"
+                        f"(use --separator, or source.separator in the config)"
                     )
         return canonicalise(
             frame,
