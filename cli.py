@@ -186,6 +186,37 @@ def _write_summary(path: Optional[Path], summary: dict[str, Any]) -> None:
 
 
 @app.command()
+def recommend(
+    name: Annotated[str, typer.Argument(help="registry entry, e.g. ml-100k-sasrec")],
+    items: Annotated[Optional[str], typer.Option("--items", help="the user's history, oldest first, comma-separated")] = None,
+    user: Annotated[Optional[str], typer.Option("--user", help="user id (non-sequential models)")] = None,
+    k: Annotated[int, typer.Option("-k", min=1)] = 10,
+    registry: Annotated[Path, typer.Option("--registry")] = Path("registry"),
+    version: Annotated[Optional[str], typer.Option("--version", help="default: the champion")] = None,
+    include_seen: Annotated[bool, typer.Option("--include-seen", help="allow items already in the history")] = False,
+) -> None:
+    """Score with a registered model (the champion by default) through onnxruntime."""
+    from core.errors import RecflowError
+    from core.registry import Registry
+    from core.serving.scorer import OnnxScorer
+
+    try:
+        reg = Registry(registry)
+        chosen = version or reg.champion_version(name)
+        if chosen is None:
+            _fail(f"{name} has no champion in {registry} (versions: {', '.join(reg.versions(name)) or 'none'})")
+        scorer = OnnxScorer(reg.entry(name) / str(chosen))
+        history = [i.strip() for i in (items or "").split(",") if i.strip()]
+        recs = scorer.recommend(history, k, user=user, exclude_seen=not include_seen)
+    except (RecflowError, KeyError) as exc:
+        _fail(str(exc).strip("'\""))
+        return
+    typer.echo(f"{name} {chosen}:")
+    for rank, rec in enumerate(recs, 1):
+        typer.echo(f"{rank:>3}  {rec.item:<20} {rec.score:.4f}")
+
+
+@app.command()
 def models() -> None:
     """List the RecBole model names recflow can train."""
     from core.recbole_compat import available_models

@@ -51,16 +51,16 @@ def write_atomic_files(snapshot: Snapshot, data_dir: Path) -> Path:
     target = data_dir / rb.DATASET_NAME
     target.mkdir(parents=True, exist_ok=True)
     frame = pl.read_parquet(snapshot.path)
-    # Tabs/newlines inside ids would break RecBole's TSV reader.
     clean = [
-        pl.col(USER).str.replace_all(r"[\t\r\n]", " ").alias(f"{USER}:token"),
-        pl.col(ITEM).str.replace_all(r"[\t\r\n]", " ").alias(f"{ITEM}:token"),
+        pl.col(USER).alias(f"{USER}:token"),
+        pl.col(ITEM).alias(f"{ITEM}:token"),
         (pl.col(TIME).dt.epoch("us").cast(pl.Float64) / 1_000_000).alias(f"{TIME}:float"),
     ]
     if snapshot.has_rating:
         clean.append(pl.col(RATING).cast(pl.Float64).alias(f"{RATING}:float"))
     path = target / f"{rb.DATASET_NAME}.inter"
-    frame.select(clean).write_csv(path, separator="\t", quote_style="never")
+    # RecBole reads with pandas' default quoting: quote what needs it (tabs, quotes in ids).
+    frame.select(clean).write_csv(path, separator="\t", quote_style="necessary")
     return path
 
 
@@ -136,11 +136,15 @@ def load_recbole_data(
     from recbole.utils import init_seed
 
     init_seed(rb_config["seed"], rb_config["reproducibility"])
-    dataset = rb.create_dataset(rb_config)
     try:
+        dataset = rb.create_dataset(rb_config)
         train, valid, test = rb.data_preparation(rb_config, dataset)
     except (ValueError, IndexError) as exc:
-        raise DataValidationError(f"cannot split the data for training: {exc}") from None
+        d = config.dataset
+        raise DataValidationError(
+            f"cannot build train/valid/test from this data ({exc}); check dataset.min_user_interactions "
+            f"({d.min_user_interactions}) and dataset.min_item_interactions ({d.min_item_interactions})"
+        ) from None
     data = RecBoleData(rb_config, dataset, train, valid, test)
     _CACHE.clear()  # one run's data at a time keeps memory flat in long-lived workers
     _CACHE[key] = data

@@ -45,9 +45,12 @@ def popularity_baseline(data: RecBoleData, checkpoint_dir: Path) -> dict[str, fl
     """
     model_cls = rb.resolve_model("Pop")
     model = model_cls(data.config, data.train.dataset).to(data.config["device"])
-    with torch.no_grad():
-        for batch in data.train:
-            model.calculate_loss(batch.to(data.config["device"]))
+    # Exact counts of training targets. RecBole's Pop.calculate_loss adds 1 per item per
+    # *batch* (duplicate-index assignment), so its counts depend on the shuffle.
+    train_items = data.train.dataset.inter_feat[data.dataset.iid_field]
+    counts = torch.bincount(train_items.long(), minlength=data.dataset.item_num).to(torch.float)
+    model.item_cnt = counts.view(-1, 1).to(data.config["device"])
+    model.max_cnt = counts.max().to(data.config["device"])
     _, test = ranking_metrics(data, model, checkpoint_dir / "pop.pth")
     return test
 

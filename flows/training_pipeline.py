@@ -31,6 +31,7 @@ from tasks.validate import validate_task
 def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:  # noqa: B008
     with stage("extract"):
         run_dir = prepare_run_task(config)
+    with stage("extract", run_dir):
         snapshot = extract_task(config, run_dir)
     with stage("validate", run_dir):
         validate_task(snapshot, config, run_dir)

@@ -68,7 +68,9 @@ def _to_utc(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return pl.coalesce(parsed)
 
 
-_AWARE = ("%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z")
+_AWARE = tuple(
+    f"%Y-%m-%d{sep}%H:%M{sec}{tz}" for sep in ("T", " ") for sec in (":%S%.f", "") for tz in ("%:z", "%z")
+)
 _NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 
 

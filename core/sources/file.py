@@ -46,7 +46,11 @@ class FileSource:
                 frame = pl.scan_parquet(self.path)
             else:
                 _check_text(self.path)
-                frame = pl.scan_csv(self.path, separator=self.source.separator, infer_schema_length=10_000)
+                # Ids stay text as written: "007" and "7" are different learners.
+                ids = {self.columns.user: pl.String, self.columns.item: pl.String}
+                frame = pl.scan_csv(
+                    self.path, separator=self.source.separator, infer_schema_length=10_000, schema_overrides=ids
+                )
             schema = frame.collect_schema()
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise DataSourceError(f"cannot read {self.path} as {fmt.upper()}: {_first_line(exc)}") from None
