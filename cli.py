@@ -76,6 +76,17 @@ def run(
     time_col: Annotated[Optional[str], typer.Option("--time-col", help="timestamp column (ISO or epoch seconds)")] = None,
     rating_col: Annotated[Optional[str], typer.Option("--rating-col", help="optional rating column")] = None,
     separator: Annotated[Optional[str], typer.Option("--separator", help="CSV field separator (default ',')")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="file|ml-100k|postgres|supabase|synthetic")] = None,
+    dsn: Annotated[Optional[str], typer.Option("--dsn", help="Postgres URL WITHOUT password (else use $RECFLOW_PG_DSN)")] = None,
+    dsn_env: Annotated[Optional[str], typer.Option("--dsn-env", help="env var holding the Postgres URL")] = None,
+    url: Annotated[Optional[str], typer.Option("--url", help="Supabase project URL")] = None,
+    key_env: Annotated[Optional[str], typer.Option("--key-env", help="env var holding the Supabase key")] = None,
+    table: Annotated[Optional[str], typer.Option("--table", help="table to read (default question_attempts)")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="only rows at or after this ISO time")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="only rows before this ISO time")] = None,
+    incremental: Annotated[Optional[bool], typer.Option("--incremental/--no-incremental", help="append only new rows to the snapshot store")] = None,
+    full_refresh: Annotated[bool, typer.Option("--full-refresh", help="re-read everything, reset the watermark")] = False,
+    store_dir: Annotated[Optional[Path], typer.Option("--store-dir", help="snapshot store (incremental)")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="any RecBole model name, e.g. SASRec, BPR")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto|cpu|cuda|mps")] = None,
@@ -97,15 +108,27 @@ def run(
         "training.device": device,
         "registry.path": registry,
         "runs_dir": runs_dir,
+        "source.kind": source,
+        "source.dsn_env": dsn_env,
+        "source.url": url,
+        "source.key_env": key_env,
+        "source.table": table,
+        "source.since": since,
+        "source.until": until,
+        "incremental.enabled": True if full_refresh else incremental,
+        "incremental.full_refresh": True if full_refresh else None,
+        "incremental.store_dir": store_dir,
     }
     if data is not None:
-        overrides |= {"source.kind": "file", "source.path": data}
+        overrides |= {"source.kind": source or "file", "source.path": data}
     summary: dict[str, Any] = {"status": "failed", "stage": "config", "error": None, "metrics": {},
                                "model_version": None, "registry": None}
     try:
         from core.config import load_config
         from core.recbole_compat import canonical_model_name
 
+        if dsn is not None:
+            _use_dsn_flag(dsn, dsn_env or "RECFLOW_PG_DSN")
         cfg = load_config(config, overrides)
         cfg.model.name = canonical_model_name(cfg.model.name)
         summary["registry"] = str(cfg.registry.path.resolve())
@@ -121,6 +144,24 @@ def run(
     code = _run_pipeline(cfg, summary)
     _write_summary(summary_json, summary)
     raise typer.Exit(code)
+
+
+def _use_dsn_flag(dsn: str, env_name: str) -> None:
+    """--dsn is for password-less URLs (peer/cert auth, PGPASSFILE); secrets stay in the environment."""
+    from urllib.parse import urlsplit
+
+    from core.errors import ConfigError
+
+    try:
+        has_password = bool(urlsplit(dsn).password)
+    except ValueError:
+        has_password = False
+    if has_password or "password=" in dsn.lower():
+        raise ConfigError(
+            f"--dsn must not contain a password (it would show in shell history and process lists); "
+            f"export the full URL as ${env_name} instead"
+        )
+    os.environ[env_name] = dsn
 
 
 def _run_pipeline(cfg: Any, summary: dict[str, Any]) -> int:
@@ -214,6 +255,24 @@ def recommend(
     typer.echo(f"{name} {chosen}:")
     for rank, rec in enumerate(recs, 1):
         typer.echo(f"{rank:>3}  {rec.item:<20} {rec.score:.4f}")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Data utilities.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    users: Annotated[int, typer.Option("--users", min=2, help="learners to generate")] = 300,
+    out: Annotated[Path, typer.Option("--out", help="CSV or Parquet file to write")] = Path("question_attempts.csv"),
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write question_attempts-shaped data with learnable curricula, for demos and tests."""
+    from core.sources.synthetic import write_synthetic
+
+    rows = write_synthetic(users, out, seed=seed)
+    typer.echo(f"wrote {rows} question attempts by {users} learners to {out}")
+    typer.echo(f"train on it: recflow run --data {out} --user-col user_id --item-col question_id --time-col created_at")
 
 
 @app.command()

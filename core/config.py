@@ -8,6 +8,7 @@ MovieLens-100k in a few minutes.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,27 +27,82 @@ class _Strict(BaseModel):
 
 
 class SourceConfig(_Strict):
-    """Where interactions come from."""
+    """Where interactions come from. Secrets are never stored here: only the names of the
+    environment variables that hold them."""
 
-    kind: Literal["ml-100k", "file"] = "ml-100k"
+    kind: Literal["ml-100k", "file", "postgres", "supabase", "synthetic"] = "ml-100k"
     path: Path | None = Field(default=None, description="CSV or Parquet file (kind=file)")
     format: Literal["auto", "csv", "parquet"] = "auto"
     separator: str = Field(default=",", description="CSV field separator")
+    dsn_env: str = Field(
+        default="RECFLOW_PG_DSN", description="env var holding the Postgres connection string (kind=postgres)"
+    )
+    url: str | None = Field(default=None, description="Supabase project URL (kind=supabase)")
+    key_env: str = Field(default="SUPABASE_KEY", description="env var holding the Supabase (anon) key")
+    table: str = Field(default="question_attempts", description="table to read (postgres, supabase)")
+    since: datetime | None = Field(default=None, description="only rows with time >= since")
+    until: datetime | None = Field(default=None, description="only rows with time < until")
+    page_size: int = Field(default=1000, ge=1, le=1000, description="Supabase page size (hosted cap: 1000)")
+    synthetic_users: int = Field(default=300, ge=2, description="learners generated (kind=synthetic)")
+    synthetic_seed: int = 0
 
     @model_validator(mode="after")
-    def _file_needs_path(self) -> "SourceConfig":
+    def _needs(self) -> "SourceConfig":
         if self.kind == "file" and self.path is None:
             raise ValueError("source.kind 'file' needs source.path (use --data PATH)")
+        if self.kind == "supabase" and not self.url:
+            raise ValueError("source.kind 'supabase' needs source.url (use --url URL)")
+        if self.since and self.until and self.since >= self.until:
+            raise ValueError(f"source.since ({self.since}) must be before source.until ({self.until})")
         return self
 
 
 class ColumnsConfig(_Strict):
-    """Names of the source's columns; they are mapped to user_id/item_id/timestamp/rating."""
+    """Names of the source's columns; they are mapped to user_id/item_id/timestamp/rating.
+    ``extra`` columns are carried into the snapshot as they are (for validation)."""
 
     user: str = "user_id"
     item: str = "item_id"
     time: str = "timestamp"
     rating: str | None = None
+    extra: list[str] = Field(default_factory=list)
+
+
+QUESTION_ATTEMPTS_COLUMNS: dict[str, Any] = {
+    "user": "user_id",
+    "item": "question_id",
+    "time": "created_at",
+    "rating": None,
+    "extra": ["is_correct", "response_time_seconds", "difficulty_level", "topic", "subtopic"],
+}
+
+
+class PrivacyConfig(_Strict):
+    """Learner ids are replaced by a keyed HMAC-SHA256 at extract, before anything is written."""
+
+    pseudonymize: bool | None = Field(
+        default=None, description="default: on for postgres/supabase sources, off for files and demos"
+    )
+    key_env: str = Field(default="RECFLOW_PSEUDONYM_KEY", description="env var holding the HMAC key")
+    secret_block: str | None = Field(default=None, description="Prefect Secret block holding the key")
+
+
+class IncrementalConfig(_Strict):
+    """Nightly runs append only rows newer than the stored watermark."""
+
+    enabled: bool = False
+    store_dir: Path = Field(default=Path("data-store"), description="snapshot store + watermarks")
+    full_refresh: bool = Field(default=False, description="ignore the watermark and re-read everything")
+
+
+class ValidationConfig(_Strict):
+    suite: Literal["auto", "interactions", "question_attempts"] = Field(
+        default="auto", description="auto: question_attempts when those columns are present"
+    )
+    max_duplicate_fraction: float = Field(default=0.01, ge=0, le=1)
+    future_tolerance_hours: float = Field(default=24.0, ge=0)
+    max_row_drop: float = Field(default=0.5, ge=0, le=1, description="fail if rows drop more than this vs last snapshot")
+    difficulty_range: tuple[float, float] = (1.0, 5.0)
 
 
 class DatasetConfig(_Strict):
@@ -138,6 +194,9 @@ class PipelineConfig(_Strict):
     runs_dir: Path = Field(default=Path("runs"), description="one sub-folder per run")
     source: SourceConfig = Field(default_factory=SourceConfig)
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -145,11 +204,28 @@ class PipelineConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
+    @model_validator(mode="after")
+    def _question_attempts_columns(self) -> "PipelineConfig":
+        # Database and synthetic sources default to the ed-tech table's column names.
+        # Fields the user set (YAML or flags) win.
+        if self.source.kind in ("postgres", "supabase", "synthetic"):
+            explicit = self.columns.model_dump(include=self.columns.model_fields_set)
+            self.columns = ColumnsConfig(**{**QUESTION_ATTEMPTS_COLUMNS, **explicit})
+        return self
+
     @property
     def data_name(self) -> str:
         if self.source.kind == "file" and self.source.path is not None:
             return self.source.path.stem
+        if self.source.kind in ("postgres", "supabase"):
+            return self.source.table.replace("_", "-")
         return self.source.kind
+
+    @property
+    def pseudonymize(self) -> bool:
+        if self.privacy.pseudonymize is not None:
+            return self.privacy.pseudonymize
+        return self.source.kind in ("postgres", "supabase")
 
     @property
     def registry_name(self) -> str:

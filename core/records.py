@@ -27,6 +27,10 @@ class Snapshot(BaseModel):
     min_time: str | None = None
     max_time: str | None = None
     fingerprint: str = Field(description="sha256 of the canonical snapshot content")
+    pseudonymized: bool = False
+    added_rows: int | None = Field(default=None, description="rows new since the stored watermark (incremental)")
+    previous_rows: int | None = Field(default=None, description="rows of the previous snapshot, for drift checks")
+    store_key: str | None = Field(default=None, description="snapshot-store folder (incremental runs)")
 
 
 class CheckResult(BaseModel):

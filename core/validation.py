@@ -2,15 +2,44 @@
 
 Two kinds of checks make up one ``ValidationReport``:
 
-* the Great Expectations suite in ``expectations/interactions.json`` (column presence,
-  nulls, row count, rating type), run with an ephemeral GX context on a pandas copy of
-  the snapshot, and
-* recflow's own checks, computed with polars, for what GX cannot say simply: enough
-  users and items for a split, users RecBole will filter out, timestamps in the future,
-  duplicate interactions.
+* a Great Expectations suite from ``expectations/`` (column presence, nulls, row count,
+  types and value ranges), run with an ephemeral GX context on a pandas copy of the
+  snapshot, and
+* recflow's own checks, computed with polars, for what GX cannot say simply (or cheaply):
+  enough users and items for the split, users RecBole will filter out, timestamps in the
+  future, duplicate interactions, and the row count against the previous snapshot.
+
+Suites, one per schema:
+
+* ``interactions`` (``expectations/interactions.json``): the canonical columns
+  (user_id, item_id, timestamp, optional rating);
+* ``question_attempts`` (``expectations/question_attempts.json``): the same plus the ed-tech
+  columns is_correct, response_time_seconds, difficulty_level, topic and subtopic
+  (carried into the snapshot through ``columns.extra``).
+
+``validation.suite: auto`` picks ``question_attempts`` when the snapshot has all five of
+those columns, else ``interactions``; ``validate_snapshot(..., suite_path=...)`` overrides both.
 
 Each expectation's ``meta`` may hold ``severity`` ("error" | "warning"; a warning never
-blocks the run) and ``hint`` (appended to the details of a failure).
+blocks the run), ``hint`` (appended to the details of a failure) and ``config_kwargs``:
+a mapping from a GX kwarg to a dotted path into ``PipelineConfig`` (an integer part
+indexes a list). ``load_suite(path, config)`` replaces those kwargs with the config's
+values before GX builds the suite, so the JSON keeps working defaults and the config wins:
+``{"min_value": "validation.difficulty_range.0", "max_value": "validation.difficulty_range.1"}``
+makes ``validation.difficulty_range`` the bounds of ``difficulty_level``.
+
+Thresholds of the own checks come from ``config.validation``: ``max_duplicate_fraction``,
+``future_tolerance_hours``, ``max_row_drop`` (with ``previous_rows``).
+
+Speed and memory on large snapshots: the snapshot is read once with only the columns the
+suite and the own checks need; GX gets only the columns its expectations name, with
+text columns as pandas categoricals (integer codes, not one Python string per row);
+duplicates, future timestamps, per-user counts and drift are polars expressions.
+
+Quirks: numpy stays < 2 for RecBole, so polars -> pandas is done column by column here
+rather than through ``DataFrame.to_pandas()``; GX runs in an ephemeral context with its
+progress bars off; ``load_suite`` refuses a suite of which GX built fewer expectations
+than the JSON lists (GX logs and drops an expectation type it does not know).
 """
 
 from __future__ import annotations
@@ -39,13 +68,20 @@ from core.config import PipelineConfig  # noqa: E402
 from core.errors import ConfigError, DataSourceError, DataValidationError  # noqa: E402
 from core.records import ITEM, RATING, TIME, USER, CheckResult, Snapshot, ValidationReport  # noqa: E402
 
-DEFAULT_SUITE = Path(__file__).resolve().parent.parent / "expectations" / "interactions.json"
+SUITES_DIR = Path(__file__).resolve().parent.parent / "expectations"
+SUITE_FILES = {
+    "interactions": SUITES_DIR / "interactions.json",
+    "question_attempts": SUITES_DIR / "question_attempts.json",
+}
+DEFAULT_SUITE = SUITE_FILES["interactions"]
+# The columns that make a snapshot a question_attempts one (suite "auto").
+QUESTION_ATTEMPT_COLUMNS = ("is_correct", "response_time_seconds", "difficulty_level", "topic", "subtopic")
 REPORT_FILE = "validation_report.json"
-FUTURE_TOLERANCE = timedelta(days=1)
-MAX_DUPLICATE_SHARE = 0.01
 MAX_EXAMPLES = 5
 # Columns a snapshot may lack; expectations on them are skipped (not failed) when absent.
 OPTIONAL_COLUMNS = (RATING,)
+# GX kwargs that name columns (what GX needs in its pandas copy).
+_COLUMN_KWARGS = ("column", "column_A", "column_B")
 
 Severity = Literal["error", "warning"]
 _SUITE_LOGGER = "great_expectations.core.expectation_suite"
@@ -79,12 +115,14 @@ def _captured_suite_log() -> Iterator[list[str]]:
         logger.propagate = propagate
 
 
-def load_suite(path: Path) -> gx.ExpectationSuite:
+def load_suite(path: Path, config: PipelineConfig | None = None) -> gx.ExpectationSuite:
     """Build the GX suite from its JSON file, refusing a suite GX only partly understood.
 
     ``gx.ExpectationSuite(**json)`` logs and *drops* an expectation whose type it does not
     know (a typo would silently weaken the gate), so the built count is compared with the
-    listed one.
+    listed one. With ``config``, kwargs named in an expectation's ``meta.config_kwargs``
+    take the config's values (see the module docstring); without it the JSON's own values
+    stay, but the config paths are still checked against a default config.
     """
     path = Path(path)
     try:
@@ -106,6 +144,7 @@ def load_suite(path: Path) -> gx.ExpectationSuite:
                 f"expectation suite {path}: {entry.get('type')} has meta.severity {severity!r}; "
                 "use 'error' or 'warning'"
             )
+        _apply_config_kwargs(entry, config, path)
     with _captured_suite_log() as gx_messages:
         try:
             suite = gx.ExpectationSuite(**raw)
@@ -124,19 +163,79 @@ def load_suite(path: Path) -> gx.ExpectationSuite:
     return suite
 
 
+def _apply_config_kwargs(entry: dict[str, Any], config: PipelineConfig | None, path: Path) -> None:
+    """Replace the kwargs named in ``meta.config_kwargs`` with values from ``config`` (in place)."""
+    meta = entry.get("meta")
+    mapping = meta.get("config_kwargs") if isinstance(meta, dict) else None
+    if mapping is None:
+        return
+    where = f"expectation suite {path}: {entry.get('type')}"
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ConfigError(f"{where}: meta.config_kwargs must map kwarg names to dotted config paths")
+    kwargs = entry.setdefault("kwargs", {})
+    if not isinstance(kwargs, dict):
+        return  # GX reports the bad kwargs
+    reference = config if config is not None else PipelineConfig()
+    for kwarg, dotted in mapping.items():
+        value = _config_value(reference, dotted, where)
+        if config is not None:
+            kwargs[kwarg] = value
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
+        column = kwargs.get("column", "?")
+        raise ConfigError(f"{where}({column}): min_value {low} is above max_value {high} (from {mapping})")
+
+
+def _config_value(config: PipelineConfig, dotted: str, where: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        try:
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            raise ConfigError(f"{where}: meta.config_kwargs path {dotted!r} is not in the configuration") from None
+    if isinstance(node, (list, tuple)):
+        return list(node)
+    if isinstance(node, Path):
+        return str(node)
+    return node
+
+
+def select_suite(config: PipelineConfig, columns: Sequence[str]) -> str:
+    """The suite for a snapshot with ``columns``: ``validation.suite``, or by schema when it is "auto"."""
+    choice = config.validation.suite
+    if choice != "auto":
+        return choice
+    return "question_attempts" if set(QUESTION_ATTEMPT_COLUMNS) <= set(columns) else "interactions"
+
+
 # --------------------------------------------------------------------------- validation
 
 
 def validate_snapshot(
-    snapshot: Snapshot, config: PipelineConfig, run_dir: Path, suite_path: Path | None = None
+    snapshot: Snapshot,
+    config: PipelineConfig,
+    run_dir: Path,
+    suite_path: Path | None = None,
+    *,
+    previous_rows: int | None = None,
 ) -> ValidationReport:
-    """Run the GX suite and recflow's own checks; write ``validation_report.json`` to ``run_dir``."""
-    suite = load_suite(suite_path or DEFAULT_SUITE)
-    if not Path(snapshot.path).is_file():
-        raise DataSourceError(f"snapshot not found: {snapshot.path} (run extract first)")
-    frame = pl.read_parquet(snapshot.path)
-    runnable = _applicable(suite, frame.columns, snapshot.has_rating)
-    checks = _run_suite(runnable, frame) + _own_checks(frame, config)
+    """Run the GX suite and recflow's own checks; write ``validation_report.json`` to ``run_dir``.
+
+    ``suite_path`` overrides the suite ``config.validation.suite`` selects. ``previous_rows``
+    is the size of the previous comparable snapshot: fewer than ``(1 - max_row_drop)`` times
+    as many rows now fails the run.
+    """
+    path = Path(snapshot.path)
+    if not path.is_file():
+        raise DataSourceError(f"snapshot not found: {path} (run extract first)")
+    schema = pl.read_parquet_schema(path)
+    suite = load_suite(suite_path or SUITE_FILES[select_suite(config, list(schema))], config)
+    runnable = _applicable(suite, list(schema), snapshot.has_rating)
+    gx_columns = _suite_columns(runnable, list(schema))
+    wanted = set(gx_columns) | {USER, ITEM, TIME}
+    # One read, of only the columns something looks at.
+    frame = pl.read_parquet(path, columns=[c for c in schema if c in wanted])
+    checks = _run_suite(runnable, frame, gx_columns) + _own_checks(frame, config, previous_rows)
     report_path = Path(run_dir) / REPORT_FILE
     report = ValidationReport(
         suite=suite.name,
@@ -161,7 +260,19 @@ def _applicable(suite: gx.ExpectationSuite, columns: Sequence[str], has_rating: 
     return gx.ExpectationSuite(name=suite.name, expectations=kept, meta=dict(suite.meta))
 
 
-def _run_suite(suite: gx.ExpectationSuite, frame: pl.DataFrame) -> list[CheckResult]:
+def _suite_columns(suite: gx.ExpectationSuite, columns: Sequence[str]) -> list[str]:
+    """The snapshot columns the suite's expectations name (all of them for table-schema expectations)."""
+    named: set[str] = set()
+    for expectation in suite.expectations:
+        cfg = expectation.configuration
+        if cfg.type.startswith("expect_table_column"):  # e.g. expect_table_columns_to_match_set
+            return list(columns)
+        named |= {str(cfg.kwargs[k]) for k in _COLUMN_KWARGS if cfg.kwargs.get(k) is not None}
+        named |= {str(c) for c in cfg.kwargs.get("column_list") or ()}
+    return [c for c in columns if c in named]
+
+
+def _run_suite(suite: gx.ExpectationSuite, frame: pl.DataFrame, columns: Sequence[str]) -> list[CheckResult]:
     context = gx.get_context(mode="ephemeral")
     # GX draws tqdm bars on every validation unless the context disables them.
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
@@ -169,7 +280,7 @@ def _run_suite(suite: gx.ExpectationSuite, frame: pl.DataFrame) -> list[CheckRes
         context.data_sources.add_pandas("recflow")
         .add_dataframe_asset("snapshot")
         .add_batch_definition_whole_dataframe("all")
-        .get_batch(batch_parameters={"dataframe": _to_pandas(frame)})
+        .get_batch(batch_parameters={"dataframe": _to_pandas(frame.select(columns), frame.height)})
     )
     outcome = batch.validate(suite, result_format={"result_format": "BASIC", "partial_unexpected_count": 20})
     # GX returns results in metric-resolution order; report them in suite order.
@@ -185,17 +296,38 @@ def _config_key(kind: str, kwargs: dict[str, Any]) -> str:
     return kind + json.dumps({k: v for k, v in kwargs.items() if k != "batch_id"}, sort_keys=True, default=str)
 
 
-def _to_pandas(frame: pl.DataFrame) -> pd.DataFrame:
-    # Column by column through numpy: polars' to_pandas() needs a working pyarrow, and the
-    # pyarrow wheel here wants numpy 2 while RecBole keeps numpy 1.
-    data: dict[str, pd.Series] = {}
+def _to_pandas(frame: pl.DataFrame, height: int) -> pd.DataFrame:
+    """GX's pandas copy: text as categoricals, nullable booleans as pandas' "boolean".
+
+    Column by column through numpy: polars' ``to_pandas()`` goes through pyarrow, which
+    recflow does not rely on next to numpy 1 (RecBole). Text columns become
+    ``pd.Categorical`` built from polars' codes: 10M ids cost 40 MB of int32 codes and a
+    few hundred thousand strings instead of 10M Python string objects.
+    """
+    data: dict[str, Any] = {}
     for series in frame.iter_columns():
-        values = pd.Series(series.to_numpy(), name=series.name)
-        if isinstance(series.dtype, pl.Datetime) and series.dtype.time_zone:
+        dtype = series.dtype
+        if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
+            data[series.name] = _categorical(series)
+        elif dtype == pl.Boolean and series.null_count():
+            data[series.name] = pd.arrays.BooleanArray(
+                series.fill_null(False).to_numpy(), series.is_null().to_numpy()
+            )
+        elif isinstance(dtype, pl.Datetime) and dtype.time_zone:
             # to_numpy() yields naive UTC instants.
-            values = values.dt.tz_localize("UTC").dt.tz_convert(series.dtype.time_zone)
-        data[series.name] = values
-    return pd.DataFrame(data, columns=frame.columns)
+            values = pd.Series(series.to_numpy(), name=series.name)
+            data[series.name] = values.dt.tz_localize("UTC").dt.tz_convert(dtype.time_zone)
+        else:
+            data[series.name] = series.to_numpy()
+    # The index carries the row count when GX needs no column at all (a row-count-only suite).
+    return pd.DataFrame(data, columns=frame.columns, index=pd.RangeIndex(height))
+
+
+def _categorical(series: pl.Series) -> pd.Categorical:
+    text = series.cast(pl.String)
+    categories = text.drop_nulls().unique().sort()
+    codes = text.cast(pl.Enum(categories)).to_physical().cast(pl.Int32).fill_null(-1).to_numpy()
+    return pd.Categorical.from_codes(codes, categories=pd.Index(categories.to_numpy(), dtype=object))
 
 
 def _check_from_result(result: ExpectationValidationResult, frame: pl.DataFrame) -> CheckResult:
@@ -212,6 +344,9 @@ def _check_from_result(result: ExpectationValidationResult, frame: pl.DataFrame)
         details = f"could not be evaluated: {error}"
     elif cfg.type == "expect_column_to_exist":
         details = "present" if success else f"column {column!r} is missing"
+    elif cfg.type == "expect_column_values_to_be_in_type_list" and column in frame.columns:
+        # GX names numpy/pandas classes (e.g. CategoricalDtypeType for text); say what the data is.
+        details = f"{column} is {frame.schema[column]}"
     elif cfg.type == "expect_table_row_count_to_be_between":
         rows = outcome.get("observed_value")
         details = "no rows" if rows == 0 else f"{rows} rows"
@@ -277,7 +412,7 @@ def _null_row_examples(frame: pl.DataFrame, column: str) -> list[str]:
 # --------------------------------------------------------------------------- recflow's own checks
 
 
-def _own_checks(frame: pl.DataFrame, config: PipelineConfig) -> list[CheckResult]:
+def _own_checks(frame: pl.DataFrame, config: PipelineConfig, previous_rows: int | None = None) -> list[CheckResult]:
     """Checks GX cannot express simply; each needs its columns (a missing column already fails in GX)."""
     checks: list[CheckResult] = []
     if USER in frame.columns:
@@ -285,11 +420,13 @@ def _own_checks(frame: pl.DataFrame, config: PipelineConfig) -> list[CheckResult
     if ITEM in frame.columns:
         checks.append(_at_least_two(frame, ITEM, "items"))
     if USER in frame.columns:
-        checks.extend(_split_users(frame, config))
+        checks.extend(_split_checks(frame, config))
     if TIME in frame.columns and isinstance(frame.schema[TIME], pl.Datetime):
-        checks.append(_not_in_future(frame))
+        checks.append(_not_in_future(frame, config.validation.future_tolerance_hours))
     if {USER, ITEM, TIME} <= set(frame.columns):
-        checks.append(_duplicates(frame))
+        checks.append(_duplicates(frame, config.validation.max_duplicate_fraction))
+    if previous_rows is not None:
+        checks.append(_row_drift(frame.height, previous_rows, config.validation.max_row_drop))
     return checks
 
 
@@ -298,39 +435,90 @@ def _at_least_two(frame: pl.DataFrame, column: str, label: str) -> CheckResult:
     return CheckResult(name=f"at least 2 {label}", success=n >= 2, details=f"{n} distinct {column} values")
 
 
-def _split_users(frame: pl.DataFrame, config: PipelineConfig) -> list[CheckResult]:
-    """RecBole drops users below min_user_interactions; too few survivors leave nothing to split."""
-    need = config.dataset.min_user_interactions
-    counts = frame.filter(pl.col(USER).is_not_null()).group_by(USER).agg(pl.len().alias("n"))
+def _split_checks(frame: pl.DataFrame, config: PipelineConfig) -> list[CheckResult]:
+    """What survives RecBole's filters, and whether that is enough for the split.
+
+    RecBole drops rows without a user or item, then repeatedly drops users with fewer than
+    ``min_user_interactions`` and items with fewer than ``min_item_interactions`` rows until
+    nothing changes; this replays that in polars. Both splits (time-ordered leave-one-out,
+    and the ratio split, which gives every user of >= 3 rows one valid and one test row)
+    need >= 3 rows per user, which ``min_user_interactions >= 3`` guarantees, and at least
+    2 users and 2 items left to train on.
+    """
+    d = config.dataset
+    need_user, need_item = d.min_user_interactions, d.min_item_interactions
+    keys = [c for c in (USER, ITEM) if c in frame.columns]
+    rows = frame.select(keys).drop_nulls()
+    counts = rows.group_by(USER).agg(pl.len().alias("n"))
     total = counts.height
-    kept = counts.filter(pl.col("n") >= need).height
-    short = counts.filter(pl.col("n") < need).sort(["n", USER])
-    enough = CheckResult(
-        name=f"enough users with >= {need} interactions for the split",
-        success=kept >= 2,
-        details=f"{kept} of {total} users have >= {need} interactions; "
-        f"the '{config.dataset.split}' split needs at least 2",
-    )
-    filtered = CheckResult(
-        name=f"users with < {need} interactions (filtered out before training)",
-        success=short.height == 0,
-        severity="warning",
-        details=f"{short.height} of {total} users ({_pct(short.height, total)}) have fewer than {need} interactions",
-        examples=[f"{u} ({n} interactions)" for u, n in short.head(MAX_EXAMPLES).iter_rows()],
-    )
-    return [enough, filtered]
+    kept = counts.filter(pl.col("n") >= need_user).height
+    short = counts.filter(pl.col("n") < need_user).sort(["n", USER])
+    users_left, items_left = kept, None
+    if ITEM in keys:
+        left = _recbole_filter(rows, counts, need_user, need_item)
+        users_left = left.get_column(USER).n_unique()
+        items_left = left.get_column(ITEM).n_unique()
+    split = "leave-one-out" if d.split == "loo" else "ratio"
+    details = f"{kept} of {total} users have >= {need_user} interactions"
+    if users_left != kept:
+        details += f"; {users_left} remain after items with < {need_item} interactions are dropped too"
+    checks = [
+        CheckResult(
+            name=f"enough users with >= {need_user} interactions for the split",
+            success=users_left >= 2,
+            details=f"{details}; the '{d.split}' ({split}) split needs at least 2",
+        ),
+        CheckResult(
+            name=f"users with < {need_user} interactions (filtered out before training)",
+            success=short.height == 0,
+            severity="warning",
+            details=f"{short.height} of {total} users ({_pct(short.height, total)}) have fewer than "
+            f"{need_user} interactions",
+            examples=[f"{u} ({n} interactions)" for u, n in short.head(MAX_EXAMPLES).iter_rows()],
+        ),
+    ]
+    if items_left is not None:
+        items_total = rows.get_column(ITEM).n_unique()
+        checks.append(
+            CheckResult(
+                name="at least 2 items left after filtering",
+                success=items_left >= 2,
+                details=f"{items_left} of {items_total} items remain once users with < {need_user} and items "
+                f"with < {need_item} interactions are dropped",
+            )
+        )
+    return checks
 
 
-def _not_in_future(frame: pl.DataFrame) -> CheckResult:
+def _recbole_filter(rows: pl.DataFrame, user_counts: pl.DataFrame, need_user: int, need_item: int) -> pl.DataFrame:
+    """RecBole's iterative user/item interaction-count filter (``_filter_by_inter_num``)."""
+    counts: pl.DataFrame | None = user_counts
+    while True:
+        if counts is None:
+            counts = rows.group_by(USER).agg(pl.len().alias("n"))
+        bad_users = counts.filter(pl.col("n") < need_user).get_column(USER)
+        bad_items = pl.Series(ITEM, [], dtype=rows.schema[ITEM])
+        if need_item > 1:  # with 1, an item still in the data always has >= 1 row
+            item_counts = rows.group_by(ITEM).agg(pl.len().alias("n"))
+            bad_items = item_counts.filter(pl.col("n") < need_item).get_column(ITEM)
+        if bad_users.len() == 0 and bad_items.len() == 0:
+            return rows
+        rows = rows.filter(~pl.col(USER).is_in(bad_users) & ~pl.col(ITEM).is_in(bad_items))
+        if need_item <= 1:
+            return rows  # dropping whole users changes no other user's count: already stable
+        counts = None
+
+
+def _not_in_future(frame: pl.DataFrame, tolerance_hours: float) -> CheckResult:
     dtype = frame.schema[TIME]
-    limit = datetime.now(timezone.utc) + FUTURE_TOLERANCE
+    limit = datetime.now(timezone.utc) + timedelta(hours=tolerance_hours)
     times = frame.get_column(TIME).drop_nulls()
     if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
         bound = pl.lit(limit.replace(tzinfo=None), dtype=pl.Datetime(dtype.time_unit))
     else:
         bound = pl.lit(limit).dt.convert_time_zone(str(getattr(dtype, "time_zone", "UTC")))
     late = times.to_frame().filter(pl.col(TIME) > bound).get_column(TIME)
-    name = f"timestamps not in the future (> {FUTURE_TOLERANCE.days} day ahead fails)"
+    name = f"timestamps not in the future (> {tolerance_hours:g} h ahead fails)"
     if late.len() == 0:
         latest = _fmt(times.max()) if times.len() else "none"
         return CheckResult(name=name, success=True, details=f"latest timestamp {latest}")
@@ -343,24 +531,42 @@ def _not_in_future(frame: pl.DataFrame) -> CheckResult:
     )
 
 
-def _duplicates(frame: pl.DataFrame) -> CheckResult:
+def _duplicates(frame: pl.DataFrame, max_fraction: float) -> CheckResult:
     """Exact repeats of (user, item, time): a few are noise (warning), many mean a broken export."""
     keyed = frame.select(USER, ITEM, TIME).drop_nulls()
     rows = keyed.height
     dups = rows - keyed.n_unique() if rows else 0
     share = dups / rows if rows else 0.0
-    severity: Severity = "error" if share > MAX_DUPLICATE_SHARE or dups == 0 else "warning"
-    examples = [
-        " ".join(f"{c}={_fmt(v)}" for c, v in zip(keyed.columns, row))
-        for row in keyed.filter(keyed.is_duplicated()).unique(maintain_order=True).head(MAX_EXAMPLES).iter_rows()
-    ]
+    severity: Severity = "error" if share > max_fraction or dups == 0 else "warning"
+    examples: list[str] = []
+    if dups:
+        examples = [
+            " ".join(f"{c}={_fmt(v)}" for c, v in zip(keyed.columns, row))
+            for row in keyed.filter(keyed.is_duplicated()).unique(maintain_order=True).head(MAX_EXAMPLES).iter_rows()
+        ]
     return CheckResult(
-        name=f"no duplicate ({USER}, {ITEM}, {TIME}) rows (> {MAX_DUPLICATE_SHARE:.0%} fails)",
+        name=f"no duplicate ({USER}, {ITEM}, {TIME}) rows (> {100 * max_fraction:g}% fails)",
         success=dups == 0,
         severity=severity,
         details=f"{dups} of {rows} rows ({_pct(dups, rows)}) repeat an earlier row",
         examples=examples,
     )
+
+
+def _row_drift(rows: int, previous: int, max_drop: float) -> CheckResult:
+    """Far fewer rows than last time usually means a broken source or filter, not less activity."""
+    name = f"row count vs the previous snapshot (> {100 * max_drop:g}% drop fails)"
+    if previous <= 0:
+        return CheckResult(name=name, success=True, details=f"{rows} rows; the previous snapshot had none")
+    if rows < (1 - max_drop) * previous:
+        return CheckResult(
+            name=name,
+            success=False,
+            details=f"row count dropped {_pct(previous - rows, previous)} vs the previous snapshot "
+            f"({previous} → {rows} rows)",
+        )
+    change = 100 * (rows - previous) / previous
+    return CheckResult(name=name, success=True, details=f"{previous} → {rows} rows ({change:+.3g}%)")
 
 
 # --------------------------------------------------------------------------- presentation
@@ -442,10 +648,13 @@ def _one_line(exc: BaseException) -> str:
 
 __all__ = [
     "DEFAULT_SUITE",
+    "QUESTION_ATTEMPT_COLUMNS",
     "REPORT_FILE",
+    "SUITE_FILES",
     "failure_message",
     "load_suite",
     "raise_for_failures",
     "report_markdown",
+    "select_suite",
     "validate_snapshot",
 ]

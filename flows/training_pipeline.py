@@ -22,7 +22,7 @@ from tasks.build import build_task
 from tasks.deploy import deploy_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
-from tasks.extract import extract_task, prepare_run_task
+from tasks.extract import commit_snapshot_task, extract_task, prepare_run_task
 from tasks.train import train_task
 from tasks.validate import validate_task
 
@@ -35,6 +35,7 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResu
         snapshot = extract_task(config, run_dir)
     with stage("validate", run_dir):
         validate_task(snapshot, config, run_dir)
+        commit_snapshot_task(config, snapshot)
     with stage("train", run_dir):
         splits = build_task(snapshot, config, run_dir)
         trained = train_task(config, splits, run_dir)

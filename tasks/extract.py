@@ -6,10 +6,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig, dump_config
-from core.extract import extract
+from core.extract import commit_snapshot, extract
 from core.records import Snapshot
 from core.run_folder import new_run_dir
 from tasks._common import retry_unless_user_error
+
+
+def _load_secret(block_name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    return str(Secret.load(block_name).get())
 
 
 @task(name="prepare-run", cache_policy=NO_CACHE)
@@ -22,9 +28,22 @@ def prepare_run_task(config: PipelineConfig) -> Path:
 
 @task(name="extract", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def extract_task(config: PipelineConfig, run_dir: Path) -> Snapshot:
-    snapshot = extract(config, run_dir)
-    get_run_logger().info(
-        "extracted %d interactions (%d users, %d items) from %s, %s .. %s",
+    snapshot = extract(config, run_dir, secret_loader=_load_secret)
+    logger = get_run_logger()
+    logger.info(
+        "extracted %d interactions (%d users, %d items) from %s, %s .. %s%s",
         snapshot.rows, snapshot.users, snapshot.items, snapshot.source, snapshot.min_time, snapshot.max_time,
+        "; learner ids pseudonymised" if snapshot.pseudonymized else "",
     )
+    if snapshot.added_rows is not None:
+        logger.info("incremental: %d new rows since the stored watermark (%s rows stored before)",
+                    snapshot.added_rows, snapshot.previous_rows)
     return snapshot
+
+
+@task(name="commit-snapshot", cache_policy=NO_CACHE)
+def commit_snapshot_task(config: PipelineConfig, snapshot: Snapshot) -> None:
+    """Advance the incremental watermark only once the data passed validation."""
+    commit_snapshot(config, snapshot)
+    if config.incremental.enabled:
+        get_run_logger().info("snapshot store updated: %d rows (%s)", snapshot.rows, snapshot.store_key)

@@ -7,7 +7,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
+from core.extract import drift_baseline
 from core.records import Snapshot, ValidationReport
+from core.registry import Registry
 from core.validation import raise_for_failures, report_markdown, validate_snapshot
 from tasks._common import artifact_key
 
@@ -15,7 +17,8 @@ from tasks._common import artifact_key
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(snapshot: Snapshot, config: PipelineConfig, run_dir: Path) -> ValidationReport:
     logger = get_run_logger()
-    report = validate_snapshot(snapshot, config, run_dir)
+    champion = Registry(config.registry.path).champion_card(config.registry_name)
+    report = validate_snapshot(snapshot, config, run_dir, previous_rows=drift_baseline(snapshot, champion))
     create_markdown_artifact(
         markdown=report_markdown(report),
         key=artifact_key("validation", config.registry_name),

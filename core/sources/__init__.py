@@ -6,16 +6,33 @@ timestamp (UTC) and, when present, rating.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from core.config import PipelineConfig
 from core.sources.base import Source
 from core.sources.file import FileSource
 from core.sources.movielens import MovieLens100kSource
 
 
-def make_source(config: PipelineConfig) -> Source:
-    if config.source.kind == "file":
-        return FileSource(config.source, config.columns)
-    return MovieLens100kSource()
+def make_source(config: PipelineConfig, *, since: datetime | None = None) -> Source:
+    """The configured source, reading rows with time >= ``since`` (default: source.since)."""
+    kind = config.source.kind
+    since = since or config.source.since
+    if kind == "file":
+        return FileSource(config.source, config.columns, since=since)
+    if kind == "postgres":
+        from core.sources.postgres import PostgresSource
+
+        return PostgresSource(config.source, config.columns, since=since)
+    if kind == "supabase":
+        from core.sources.supabase import SupabaseSource
+
+        return SupabaseSource(config.source, config.columns, since=since)
+    if kind == "synthetic":
+        from core.sources.synthetic import SyntheticSource
+
+        return SyntheticSource(config.source, since=since)
+    return MovieLens100kSource(since=since, until=config.source.until)
 
 
 __all__ = ["FileSource", "MovieLens100kSource", "Source", "make_source"]

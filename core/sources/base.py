@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Protocol
 
 import polars as pl
@@ -26,13 +27,18 @@ def canonicalise(
     time: str,
     rating: str | None,
     origin: str,
+    extra: list[str] | tuple[str, ...] = (),
 ) -> pl.LazyFrame:
-    """Select and rename the mapped columns; ids become strings, time becomes UTC datetime."""
+    """Select and rename the mapped columns; ids become strings, time becomes UTC datetime.
+
+    ``extra`` columns (e.g. is_correct, difficulty_level) are kept under their own names.
+    """
     present = frame.collect_schema()
     wanted = {"user": user, "item": item, "time": time}
     if rating is not None:
         wanted["rating"] = rating
     missing = [f"--{k}-col {v!r}" for k, v in wanted.items() if v not in present]
+    missing += [f"extra column {c!r}" for c in extra if c not in present]
     if missing:
         cols = ", ".join(present.names()[:20])
         raise DataSourceError(f"{origin}: column(s) not found: {', '.join(missing)}; the file has: {cols}")
@@ -43,7 +49,21 @@ def canonicalise(
     ]
     if rating is not None:
         exprs.append(pl.col(rating).cast(pl.Float32, strict=False).alias(RATING))
+    exprs += [pl.col(c) for c in extra if c not in (USER, ITEM, TIME, RATING)]
     return frame.select(exprs)
+
+
+def in_window(frame: pl.LazyFrame, since: datetime | None, until: datetime | None) -> pl.LazyFrame:
+    """Rows with since <= timestamp < until (naive datetimes mean UTC)."""
+    if since is not None:
+        frame = frame.filter(pl.col(TIME) >= _aware(since))
+    if until is not None:
+        frame = frame.filter(pl.col(TIME) < _aware(until))
+    return frame
+
+
+def _aware(t: datetime) -> datetime:
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
 def _to_utc(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
@@ -74,4 +94,4 @@ _AWARE = tuple(
 _NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 
 
-__all__ = ["ITEM", "RATING", "TIME", "USER", "Source", "canonicalise"]
+__all__ = ["ITEM", "RATING", "TIME", "USER", "Source", "canonicalise", "in_window"]

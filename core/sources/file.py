@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
 
 from core.config import ColumnsConfig, SourceConfig
 from core.errors import DataSourceError
-from core.sources.base import canonicalise
+from core.sources.base import canonicalise, in_window
 
 _PARQUET_MAGIC = b"PAR1"
 
 
 class FileSource:
-    def __init__(self, source: SourceConfig, columns: ColumnsConfig) -> None:
+    def __init__(self, source: SourceConfig, columns: ColumnsConfig, *, since: datetime | None = None) -> None:
         if source.path is None:
             raise DataSourceError("the file source needs a path (--data PATH)")
         self.path = Path(source.path)
         self.source = source
         self.columns = columns
         self.name = f"file:{self.path.name}"
+        self.since = since
 
     def _format(self) -> str:
         if self.source.format != "auto":
@@ -62,14 +64,16 @@ class FileSource:
                         f"{self.path}: found one column {only[:60]!r}; the file looks {sep!r}-separated "
                         f"(use --separator, or source.separator in the config)"
                     )
-        return canonicalise(
+        canonical = canonicalise(
             frame,
             user=self.columns.user,
             item=self.columns.item,
             time=self.columns.time,
             rating=self.columns.rating,
+            extra=self.columns.extra,
             origin=str(self.path),
         )
+        return in_window(canonical, self.since, self.source.until)
 
 
 def _check_text(path: Path) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import polars as pl
 
 from core.recbole_compat import ml100k_inter_path
-from core.sources.base import canonicalise
+from core.sources.base import canonicalise, in_window
 
 
 class MovieLens100kSource:
     name = "ml-100k"
+
+    def __init__(self, *, since: datetime | None = None, until: datetime | None = None) -> None:
+        self.since, self.until = since, until
 
     def scan(self) -> pl.LazyFrame:
         frame = pl.scan_csv(
@@ -18,4 +23,5 @@ class MovieLens100kSource:
             new_columns=["user", "item", "rating", "timestamp"],
             schema_overrides={"user": pl.String, "item": pl.String, "rating": pl.Float32, "timestamp": pl.Int64},
         )
-        return canonicalise(frame, user="user", item="item", time="timestamp", rating="rating", origin="ml-100k")
+        canonical = canonicalise(frame, user="user", item="item", time="timestamp", rating="rating", origin="ml-100k")
+        return in_window(canonical, self.since, self.until)

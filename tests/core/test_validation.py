@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import polars as pl
 import pytest
 
@@ -17,10 +18,12 @@ from core.records import ITEM, RATING, TIME, USER, CheckResult, Snapshot, Valida
 from core.validation import (
     DEFAULT_SUITE,
     REPORT_FILE,
+    SUITE_FILES,
     failure_message,
     load_suite,
     raise_for_failures,
     report_markdown,
+    select_suite,
     validate_snapshot,
 )
 
@@ -148,9 +151,9 @@ def test_zero_rows_fail_with_no_rows(tmp_path: Path, config: PipelineConfig) -> 
 def test_future_timestamps_fail(tmp_path: Path, config: PipelineConfig) -> None:
     rows = _rows()
     rows[3][TIME] = datetime(2100, 1, 1, tzinfo=timezone.utc)
-    rows[4][TIME] = datetime.now(timezone.utc) + timedelta(hours=2)  # within the 1-day tolerance
+    rows[4][TIME] = datetime.now(timezone.utc) + timedelta(hours=2)  # within the default 24 h tolerance
     report = _validate(_frame(rows), tmp_path, config)
-    check = _check(report, "timestamps not in the future (> 1 day ahead fails)")
+    check = _check(report, "timestamps not in the future (> 24 h ahead fails)")
     assert not check.success and check.severity == "error"
     assert check.details.startswith("1 of 24 timestamps")
     assert check.examples == ["2100-01-01T00:00:00+00:00"]
@@ -271,3 +274,246 @@ def test_default_suite_loads_completely() -> None:
     suite = load_suite(DEFAULT_SUITE)
     listed = json.loads(DEFAULT_SUITE.read_text())["expectations"]
     assert len(suite.expectations) == len(listed) == 9
+
+
+# --------------------------------------------------------------------------- question_attempts suite
+
+QA_COLUMNS = ("is_correct", "response_time_seconds", "difficulty_level", "topic", "subtopic")
+BETWEEN = "expect_column_values_to_be_between"
+TYPE_LIST = "expect_column_values_to_be_in_type_list"
+IN_SET = "expect_column_values_to_be_in_set"
+
+
+def _qa_frame(users: int = 4, per_user: int = 6, **columns: list[Any]) -> pl.DataFrame:
+    """Clean question attempts; ``columns`` replaces (or, set to None, drops) an extra column."""
+    base = _frame(_rows(users, per_user), rating=False)
+    n = base.height
+    extra: dict[str, Any] = {
+        "is_correct": pl.Series([k % 3 != 0 for k in range(n)], dtype=pl.Boolean),
+        "response_time_seconds": pl.Series([1.5 * (k % 7) for k in range(n)], dtype=pl.Float64),
+        "difficulty_level": pl.Series([1 + k % 5 for k in range(n)], dtype=pl.Int64),
+        "topic": pl.Series([f"t{k % 3}" for k in range(n)], dtype=pl.String),
+        "subtopic": pl.Series([f"s{k % 4}" for k in range(n)], dtype=pl.String),
+    }
+    for name, values in columns.items():
+        if values is None:
+            extra.pop(name)
+        else:
+            extra[name] = pl.Series(values)
+    return base.with_columns(**extra)
+
+
+def _config(**overrides: Any) -> PipelineConfig:
+    return load_config(overrides={f"validation.{k}": v for k, v in overrides.items()})
+
+
+def test_auto_suite_picks_question_attempts_and_clean_data_passes(tmp_path: Path, config: PipelineConfig) -> None:
+    report = _validate(_qa_frame(), tmp_path, config)
+    assert report.suite == "question_attempts"
+    assert report.success, failure_message(report)
+    assert report.warnings == []
+    assert report.expectations_loaded == len(json.loads(SUITE_FILES["question_attempts"].read_text())["expectations"])
+    names = {c.name for c in report.checks}
+    for column in QA_COLUMNS:
+        assert f"expect_column_to_exist({column})" in names
+    assert {f"{BETWEEN}(difficulty_level)", f"{IN_SET}(is_correct)", f"{NOT_NULL}(topic)"} <= names
+    assert select_suite(config, [USER, ITEM, TIME, *QA_COLUMNS]) == "question_attempts"
+
+
+def test_auto_suite_falls_back_to_interactions_without_all_extra_columns(
+    tmp_path: Path, config: PipelineConfig
+) -> None:
+    frame = _qa_frame(subtopic=None)
+    report = _validate(frame, tmp_path, config)
+    assert report.suite == "interactions" and report.success
+    assert not [c for c in report.checks if "is_correct" in c.name]
+    # Asked for explicitly, the question_attempts suite names what is missing.
+    strict = _validate(frame, tmp_path, _config(suite="question_attempts"))
+    assert strict.suite == "question_attempts"
+    assert [c.name for c in strict.failures] == [
+        "expect_column_to_exist(subtopic)",
+        f"{NOT_NULL}(subtopic)",
+    ]
+    missing = _check(strict, "expect_column_to_exist(subtopic)")
+    assert "missing" in missing.details and "columns.extra" in missing.details
+    # ... and the interactions suite can be forced on a question_attempts snapshot.
+    assert _validate(_qa_frame(), tmp_path, _config(suite="interactions")).suite == "interactions"
+
+
+def test_negative_response_time_fails_and_nulls_pass(tmp_path: Path, config: PipelineConfig) -> None:
+    n = _qa_frame().height
+    times: list[float | None] = [2.0] * n
+    times[3], times[5], times[8] = -1.0, None, -0.5
+    report = _validate(_qa_frame(response_time_seconds=times), tmp_path, config)
+    check = _check(report, f"{BETWEEN}(response_time_seconds)")
+    assert not check.success and check.severity == "error"
+    assert check.details.startswith("2 of 24 values")
+    assert "negative response time" in check.details
+    assert check.examples == ["-1.0", "-0.5"]
+    assert [c.name for c in report.failures] == [check.name]
+
+
+def test_difficulty_out_of_range_fails_and_config_range_overrides_suite(tmp_path: Path, config: PipelineConfig) -> None:
+    levels = [1 + k % 5 for k in range(_qa_frame().height)]
+    levels[2], levels[10] = 7, 0
+    frame = _qa_frame(difficulty_level=levels)
+    name = f"{BETWEEN}(difficulty_level)"
+    report = _validate(frame, tmp_path, config)  # default range (1, 5)
+    check = _check(report, name)
+    assert not check.success and check.severity == "error"
+    assert check.details.startswith("2 of 24 values") and "difficulty_range" in check.details
+    assert sorted(check.examples) == ["0", "7"]
+    assert not report.success
+    wide = _validate(frame, tmp_path, _config(difficulty_range=[0, 10]))
+    assert _check(wide, name).success and wide.success
+    narrow = _validate(_qa_frame(), tmp_path, _config(difficulty_range=[1, 3]))
+    assert _check(narrow, name).details.startswith("8 of 24 values")  # levels 4 and 5
+    # load_suite patches the kwargs; the JSON's own bounds stay the default.
+    suite = load_suite(SUITE_FILES["question_attempts"], _config(difficulty_range=[2, 4]))
+    between = [e.configuration.kwargs for e in suite.expectations if e.configuration.type == BETWEEN]
+    assert {"column": "difficulty_level", "min_value": 2.0, "max_value": 4.0} in between
+    plain = [e.configuration.kwargs for e in load_suite(SUITE_FILES["question_attempts"]).expectations]
+    assert {"column": "difficulty_level", "min_value": 1, "max_value": 5} in plain
+    with pytest.raises(ConfigError, match="min_value 5.0 is above max_value 1.0"):
+        load_suite(SUITE_FILES["question_attempts"], _config(difficulty_range=[5, 1]))
+
+
+def test_is_correct_must_be_boolean(tmp_path: Path, config: PipelineConfig) -> None:
+    n = _qa_frame().height
+    answers: list[str | None] = ["true" if k % 2 else "false" for k in range(n)]
+    answers[4], answers[6] = "maybe", None
+    report = _validate(_qa_frame(is_correct=answers), tmp_path, config)
+    assert report.suite == "question_attempts"  # the column exists; its content is wrong
+    type_check = _check(report, f"{TYPE_LIST}(is_correct)")
+    assert not type_check.success and type_check.details.startswith("is_correct is String")
+    assert "boolean column" in type_check.details
+    in_set = _check(report, f"{IN_SET}(is_correct)")
+    assert not in_set.success and "maybe" in in_set.examples
+    nulls = _check(report, f"{NOT_NULL}(is_correct)")
+    assert not nulls.success and nulls.details.startswith("1 of 24 values")
+    assert {c.name for c in report.failures} == {type_check.name, in_set.name, nulls.name}
+    # A real boolean column with a null fails only the null check.
+    flags: list[bool | None] = [k % 2 == 0 for k in range(n)]
+    flags[0] = None
+    report = _validate(_qa_frame(is_correct=flags), tmp_path, config)
+    assert [c.name for c in report.failures] == [f"{NOT_NULL}(is_correct)"]
+
+
+def test_missing_topics_only_warn(tmp_path: Path, config: PipelineConfig) -> None:
+    n = _qa_frame().height
+    topics: list[str | None] = [f"t{k % 3}" for k in range(n)]
+    topics[0] = topics[1] = None
+    report = _validate(_qa_frame(topic=topics, subtopic=[None] * n), tmp_path, config)
+    assert report.success, failure_message(report)
+    assert [(c.name, c.severity) for c in report.warnings] == [
+        (f"{NOT_NULL}(topic)", "warning"),
+        (f"{NOT_NULL}(subtopic)", "warning"),
+    ]
+    assert _check(report, f"{NOT_NULL}(topic)").details.startswith("2 of 24 values")
+
+
+# --------------------------------------------------------------------------- config-driven own checks
+
+
+def test_duplicate_threshold_comes_from_config(tmp_path: Path) -> None:
+    rows = _rows()
+    rows += [dict(rows[0]), dict(rows[0]), dict(rows[9])]  # 3 of 27 rows = 11.1%
+    frame = _frame(rows)
+    lenient = _validate(frame, tmp_path, _config(max_duplicate_fraction=0.2))
+    check = _check(lenient, "no duplicate (user_id, item_id, timestamp) rows (> 20% fails)")
+    assert not check.success and check.severity == "warning" and lenient.success
+    strict = _validate(frame, tmp_path, _config(max_duplicate_fraction=0.1))
+    check = _check(strict, "no duplicate (user_id, item_id, timestamp) rows (> 10% fails)")
+    assert check.severity == "error" and not strict.success
+    zero = _validate(_frame(_rows() + [dict(_rows()[0])]), tmp_path, _config(max_duplicate_fraction=0))
+    assert [c.name for c in zero.failures] == ["no duplicate (user_id, item_id, timestamp) rows (> 0% fails)"]
+
+
+def test_future_tolerance_comes_from_config(tmp_path: Path) -> None:
+    rows = _rows()
+    rows[5][TIME] = datetime.now(timezone.utc) + timedelta(hours=30)
+    frame = _frame(rows)
+    report = _validate(frame, tmp_path, _config(future_tolerance_hours=24))
+    check = _check(report, "timestamps not in the future (> 24 h ahead fails)")
+    assert not check.success and check.details.startswith("1 of 24 timestamps")
+    relaxed = _validate(frame, tmp_path, _config(future_tolerance_hours=48))
+    assert _check(relaxed, "timestamps not in the future (> 48 h ahead fails)").success and relaxed.success
+    tight = _validate(_frame(_rows()[:-1] + [dict(_rows()[-1], **{TIME: datetime.now(timezone.utc) + timedelta(minutes=40)})]),
+                      tmp_path, _config(future_tolerance_hours=0.5))
+    assert not _check(tight, "timestamps not in the future (> 0.5 h ahead fails)").success
+
+
+def test_row_count_drop_against_previous_snapshot(tmp_path: Path, config: PipelineConfig) -> None:
+    snapshot = _snapshot(_frame(_rows()), tmp_path)  # 24 rows
+    name = "row count vs the previous snapshot (> 50% drop fails)"
+    dropped = validate_snapshot(snapshot, config, tmp_path, previous_rows=60)  # -60%
+    check = _check(dropped, name)
+    assert not check.success and check.severity == "error"
+    assert check.details == "row count dropped 60% vs the previous snapshot (60 → 24 rows)"
+    assert [c.name for c in dropped.failures] == [name]
+    fine = validate_snapshot(snapshot, config, tmp_path, previous_rows=40)  # -40%
+    assert _check(fine, name).success and fine.success
+    assert _check(fine, name).details == "40 → 24 rows (-40%)"
+    assert validate_snapshot(snapshot, config, tmp_path, previous_rows=48).success  # exactly -50% passes
+    assert not [c for c in validate_snapshot(snapshot, config, tmp_path).checks if c.name == name]
+    stricter = validate_snapshot(snapshot, _config(max_row_drop=0.3), tmp_path, previous_rows=40)
+    assert [c.name for c in stricter.failures] == ["row count vs the previous snapshot (> 30% drop fails)"]
+
+
+def test_item_filter_leaves_too_few_items(tmp_path: Path) -> None:
+    # Every user rates each item once: with min_item_interactions above the user count, no item survives.
+    rows = [
+        {USER: f"u{u}", ITEM: f"i{k}", TIME: T0 + timedelta(hours=10 * u + k), RATING: 1.0}
+        for u in range(3)
+        for k in range(6)
+    ]
+    cfg = load_config(overrides={"dataset.min_item_interactions": 4, "dataset.split": "ratio"})
+    report = _validate(_frame(rows), tmp_path, cfg)
+    items = _check(report, "at least 2 items left after filtering")
+    assert not items.success and items.details.startswith("0 of 6 items remain")
+    users = _check(report, SPLIT_USERS)
+    assert not users.success and "0 remain after items with < 4" in users.details and "'ratio'" in users.details
+
+
+def test_bad_config_kwargs_path_is_a_config_error(tmp_path: Path) -> None:
+    path = _write_suite(
+        tmp_path,
+        [
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": "difficulty_level", "min_value": 1},
+                "meta": {"config_kwargs": {"min_value": "validation.difficulty_rnage.0"}},
+            }
+        ],
+    )
+    with pytest.raises(ConfigError, match="'validation.difficulty_rnage.0' is not in the configuration"):
+        load_suite(path)
+
+
+def test_gx_gets_only_needed_columns_with_ids_as_categoricals(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             config: PipelineConfig) -> None:
+    import core.validation as validation
+
+    seen: list[pd.DataFrame] = []
+    original = validation._to_pandas
+
+    def spy(frame: pl.DataFrame, height: int) -> pd.DataFrame:
+        seen.append(original(frame, height))
+        return seen[-1]
+
+    monkeypatch.setattr(validation, "_to_pandas", spy)
+    frame = _frame(_rows()).with_columns(pl.lit("unused").alias("notes"))
+    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col(USER)).alias(USER))
+    report = _validate(frame, tmp_path, config)
+    (copy,) = seen
+    assert list(copy.columns) == [USER, ITEM, TIME, RATING]  # no "notes"
+    assert isinstance(copy[USER].dtype, pd.CategoricalDtype) and isinstance(copy[ITEM].dtype, pd.CategoricalDtype)
+    assert copy[USER].isna().sum() == 1 and copy[USER].iloc[0] == "u0"
+    assert str(copy[TIME].dt.tz) == "UTC"
+    assert _check(report, f"{NOT_NULL}(user_id)").details.startswith("1 of 24 values")
+    # A suite that names no column still sees the row count.
+    suite = _write_suite(tmp_path, [{"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 30}}])
+    seen.clear()
+    counted = validate_snapshot(_snapshot(frame, tmp_path), config, tmp_path, suite_path=suite)
+    assert seen[0].shape == (24, 0)
+    assert _check(counted, "expect_table_row_count_to_be_between(min_value=30)").details == "24 rows"
