@@ -272,7 +272,7 @@ def data_synth(
 
     rows = write_synthetic(users, out, seed=seed)
     typer.echo(f"wrote {rows} question attempts by {users} learners to {out}")
-    typer.echo(f"train on it: recflow run --data {out} --user-col user_id --item-col question_id --time-col created_at")
+    typer.echo(f"train on it: recflow run --config configs/question-attempts.yaml --data {out}")
 
 
 @app.command()

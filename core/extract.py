@@ -105,8 +105,9 @@ def preflight(config: PipelineConfig) -> None:
     """Cheap checks a user can fix before anything starts: key present, file readable, columns exist."""
     if config.pseudonymize and config.privacy.secret_block is None:
         resolve_key(config.privacy, source=config.source.kind)
-    if config.source.kind != "file":
-        return  # database sources are checked when extract connects
+    if config.source.kind not in ("file", "postgres"):
+        return  # Supabase is checked when extract pages through it
+    # Postgres: one catalog query checks login, table and columns; no rows are read.
     source = make_source(config)
     try:
         source.scan().collect_schema()

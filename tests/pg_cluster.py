@@ -28,7 +28,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -36,7 +35,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+import polars as pl
+
+from core.records import ITEM, TIME, USER
+
+# RECFLOW_PG_BIN points elsewhere (another install or version) when needed.
+PG_BIN = Path(os.environ.get("RECFLOW_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SERVER_USER = "postgres"
 READER = "recflow_reader"
 # Characters that must be percent-encoded in a URI: the source must cope, and scrub them all.
@@ -162,7 +166,8 @@ class PgCluster:
         from psycopg import sql
 
         # Utility statements take no bind parameters: quote the literal client-side.
-        self.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(READER), sql.Literal(READER_PASSWORD)))
+        create = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
+        self.execute(create.format(sql.Identifier(READER), sql.Literal(READER_PASSWORD)))
         self.execute(f"GRANT USAGE ON SCHEMA public TO {READER}")
         self.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {READER}")
 
@@ -182,7 +187,7 @@ class PgCluster:
         except (OSError, ValueError, IndexError):
             pass
 
-    def __enter__(self) -> "PgCluster":
+    def __enter__(self) -> PgCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -234,7 +239,7 @@ class Attempt:
     user_id: str
     question_id: str
     created_at: datetime  # UTC, microsecond precision
-    is_correct: bool | None
+    is_correct: bool
     response_time_seconds: float
     difficulty_level: int
     topic: str
@@ -242,7 +247,10 @@ class Attempt:
 
 
 def make_attempts(n: int, *, seed: int = 0, uuid_questions: bool = True, start: datetime = BASE_TIME) -> list[Attempt]:
-    """``n`` attempts in strictly increasing time order (one every 37 s plus microseconds)."""
+    """``n`` attempts in strictly increasing time order (one every 37 s plus microseconds).
+
+    They pass the question_attempts quality suite (is_correct never null, difficulty 1..5,
+    response times >= 0); some subtopics are null."""
     rng = random.Random(seed)
     users = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(max(2, n // 12))]
     if uuid_questions:
@@ -257,7 +265,7 @@ def make_attempts(n: int, *, seed: int = 0, uuid_questions: bool = True, start: 
                 user_id=rng.choice(users),
                 question_id=rng.choice(questions),
                 created_at=start + timedelta(seconds=37 * i, microseconds=rng.randrange(1_000_000)),
-                is_correct=None if i % 97 == 5 else rng.random() < 0.6,
+                is_correct=rng.random() < 0.6,
                 # Multiples of 1/4 are exact in float32 (Postgres real), so equality is exact.
                 response_time_seconds=rng.randrange(4, 480) / 4,
                 difficulty_level=rng.randint(1, 5),
@@ -310,3 +318,42 @@ def fill_question_attempts(
     create_question_attempts(pg, table, uuid_questions=uuid_questions)
     insert_attempts(pg, rows, table)
     return rows
+
+
+# -- what a source should return ----------------------------------------------------------
+
+EXTRA = ["is_correct", "response_time_seconds", "difficulty_level", "topic", "subtopic"]
+QA_COLUMNS = {
+    "columns.user": "user_id",
+    "columns.item": "question_id",
+    "columns.time": "created_at",
+    "columns.extra": EXTRA,
+}
+
+
+def expected_frame(
+    rows: list[Attempt], *, real: type[pl.DataType] = pl.Float32, small: type[pl.DataType] = pl.Int16
+) -> pl.DataFrame:
+    """What a source should return for ``rows`` mapped with QA_COLUMNS, in time order."""
+    return pl.DataFrame(
+        {
+            USER: [r.user_id for r in rows],
+            ITEM: [r.question_id for r in rows],
+            TIME: [r.created_at for r in rows],
+            "is_correct": [r.is_correct for r in rows],
+            "response_time_seconds": [r.response_time_seconds for r in rows],
+            "difficulty_level": [r.difficulty_level for r in rows],
+            "topic": [r.topic for r in rows],
+            "subtopic": [r.subtopic for r in rows],
+        },
+        schema={
+            USER: pl.String,
+            ITEM: pl.String,
+            TIME: pl.Datetime("us", "UTC"),
+            "is_correct": pl.Boolean,
+            "response_time_seconds": real,
+            "difficulty_level": small,
+            "topic": pl.String,
+            "subtopic": pl.String,
+        },
+    )

@@ -41,7 +41,7 @@ def canonicalise(
     missing += [f"extra column {c!r}" for c in extra if c not in present]
     if missing:
         cols = ", ".join(present.names()[:20])
-        raise DataSourceError(f"{origin}: column(s) not found: {', '.join(missing)}; the file has: {cols}")
+        raise DataSourceError(f"{origin}: column(s) not found: {', '.join(missing)}; the source has: {cols}")
     exprs = [
         pl.col(user).cast(pl.String).alias(USER),
         pl.col(item).cast(pl.String).alias(ITEM),
