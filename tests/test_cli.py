@@ -104,7 +104,7 @@ def test_renamed_columns_train_and_summary_contract(trained: CliResult, workdir:
     card = registry.champion_card(REGISTRY_NAME)
     assert card is not None and card["data"]["users"] == 80
     assert card["config"]["columns"] == {"user": "learner", "item": "question_id", "time": "created_at",
-                                         "rating": None}
+                                         "rating": None, "extra": []}
     assert card["config"]["model"]["params"]["hidden_size"] == 16  # from --config
     assert "PROMOTED" in trained.stdout
 
