@@ -70,6 +70,40 @@ def make_trainer(data: RecBoleData, model: torch.nn.Module, checkpoint: Path) ->
     return trainer
 
 
+class FastCPUDropout(torch.nn.Module):
+    """Inverted dropout from ``rand >= p``: the same distribution as ``nn.Dropout``.
+
+    torch's CPU dropout draws a Bernoulli per element (~4x slower than ``rand``); in SASRec
+    it was ~40% of a CPU training step. Used on CPU only: CUDA's fused dropout is fast.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p >= 1.0:
+            return torch.zeros_like(x)
+        keep = torch.rand_like(x).ge_(self.p)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_cpu_dropout(model: torch.nn.Module) -> int:
+    """Swap every ``nn.Dropout`` for ``FastCPUDropout``; returns how many were swapped."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Dropout:
+                setattr(parent, name, FastCPUDropout(child.p))
+                swapped += 1
+    return swapped
+
+
 def build_model(data: RecBoleData) -> torch.nn.Module:
     model_cls = rb.resolve_model(data.config["model"])
     try:
@@ -104,6 +138,8 @@ def train(
 
     init_seed(data.config["seed"], data.config["reproducibility"])
     model = build_model(data)
+    if config.training.fast_cpu_dropout and data.config["device"].type == "cpu":
+        use_fast_cpu_dropout(model)
     trainer = make_trainer(data, model, checkpoint)
     epochs: list[EpochStats] = []
     last_valid = [time.perf_counter()]

@@ -87,3 +87,23 @@ def test_general_model_by_name(tiny_csv: Path, tmp_path: Path) -> None:
     # user and item embeddings: (80 + 1 + 40 + 1) x 8
     assert trained.parameters == (81 + 41) * 8
     assert trained.checkpoint.is_file()
+
+
+def test_fast_cpu_dropout_matches_torch_dropout_in_distribution() -> None:
+    import torch
+
+    from core.training import FastCPUDropout, use_fast_cpu_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    layer = FastCPUDropout(0.3).train()
+    y = layer(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.7) < 0.005  # keep rate 1 - p
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))  # inverted scaling
+    y.sum().backward()
+    assert torch.equal(x.grad, (y.detach() != 0).float() / 0.7)  # gradient flows through kept units only
+    assert torch.equal(layer.eval()(x), x)  # identity at inference
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout(0.1)))
+    assert use_fast_cpu_dropout(model) == 2
+    assert [type(m).__name__ for m in model.modules()].count("Dropout") == 0
