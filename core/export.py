@@ -191,6 +191,6 @@ def _latency_ms(session: Any, one: dict[str, np.ndarray], runs: int = 50) -> flo
 def _write_vocab(data: RecBoleData, out_dir: Path) -> None:
     ds = data.dataset
     items = [str(t) for t in ds.field2id_token[ds.iid_field]]
-    (out_dir / ITEM_VOCAB_FILE).write_text(json.dumps(items))
+    (out_dir / ITEM_VOCAB_FILE).write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
     users = [str(t) for t in ds.field2id_token[ds.uid_field]]
-    (out_dir / USER_VOCAB_FILE).write_text(json.dumps(users))
+    (out_dir / USER_VOCAB_FILE).write_text(json.dumps(users, ensure_ascii=False), encoding="utf-8")

@@ -44,10 +44,10 @@ class OnnxScorer:
         if not onnx_path.is_file():
             raise RegistryError(f"{self.model_dir} holds no model.onnx (was the model exportable?)")
         self.signature = json.loads((self.model_dir / "signature.json").read_text())
-        self.items: list[str] = json.loads((self.model_dir / "item_ids.json").read_text())
+        self.items: list[str] = json.loads((self.model_dir / "item_ids.json").read_text(encoding="utf-8"))
         self.item_index = {tok: i for i, tok in enumerate(self.items)}
         users_file = self.model_dir / "user_ids.json"
-        self.user_index = {tok: i for i, tok in enumerate(json.loads(users_file.read_text()))} if users_file.exists() else {}
+        self.user_index = {tok: i for i, tok in enumerate(json.loads(users_file.read_text(encoding="utf-8")))} if users_file.exists() else {}
         self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
     def _scores(self, history: list[str], user: str | None) -> tuple[np.ndarray, np.ndarray]:
