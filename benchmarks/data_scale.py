@@ -6,11 +6,12 @@
     python benchmarks/data_scale.py --profile build      # + the top of cProfile for that step
 
 Synthetic data (vectorised numpy, seeded): ``rows / 40`` users (lognormal activity, ~40
-interactions on average; a few percent fall under ``min_user_interactions`` 5 and are filtered), ``min(50000, rows / 20)``
-items with a skewed popularity, and a little sequential structure (half of each user's
-interactions walk the items in order from a per-user start), at strictly increasing times
-per user over two years. Rows are shuffled. It is written once to a temp folder as
-Parquet (typed UTC timestamps) and as CSV (ISO-8601 ``...Z`` text timestamps).
+interactions on average; a few percent fall under ``min_user_interactions`` 5 and are
+filtered), ``min(50000, rows / 20)`` items with a skewed popularity, and a little
+sequential structure (half of each user's interactions walk the items in order from a
+per-user start), at strictly increasing times per user over two years. Rows are shuffled.
+It is written once to a temp folder as Parquet (typed UTC timestamps) and as CSV
+(ISO-8601 ``...Z`` text timestamps).
 
 For each format, each step runs in a fresh subprocess (this script re-invokes itself
 with ``--step``), so each step's peak RSS is its own: the child's
@@ -25,8 +26,12 @@ calls them:
 * build    ``core.dataset.build_dataset`` (atomic files + RecBole dataset + split + dataloaders)
 
 Children run with the GLIBC_TUNABLES recflow's CLI sets (as a real run has them), unless
-``--no-tunables``. The model is BPR by default (general recommender); SASRec at 10M rows
-needs RecBole's (rows x MAX_ITEM_LIST_LENGTH) int64 item-list tensor, 4 GB on its own.
+``--no-tunables``; ``--no-fast`` switches off core.dataset's RecBole fast paths
+(RECFLOW_RECBOLE_FAST=0: RecBole's own loading, splitting, samplers and loaders) for a
+before/after comparison. The model is BPR by default (a general recommender). SASRec at
+10M rows is out of reach of RecBole 1.2.1's SequentialDataset: its data augmentation
+allocates one (rows x MAX_ITEM_LIST_LENGTH) tensor per interaction field (item id,
+timestamp[, rating]; 4 GB each at 10M rows and length 50) and fills them in a Python loop.
 
 The goal (per format, 10M rows): extract + validate + build <= 60 s and every step's peak
 RSS <= 4 GiB on the 2-core machine; the table prints the ratios. Run it on an otherwise idle
@@ -183,23 +188,38 @@ def _load() -> str:
         return " ".join(fh.read().split()[:3])
 
 
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def _child(step: str, data: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     if args.tunables:
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    env["RECFLOW_RECBOLE_FAST"] = "1" if args.fast else "0"
     env.setdefault("GX_ANALYTICS_ENABLED", "False")
     cmd = [sys.executable, __file__, "--step", step, "--data", str(data), "--run-dir", str(run_dir),
            "--model", args.model]
     if args.profile == step:
         cmd.append("--profile-step")
+    busy0, own0 = _busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own_cpu = (own1.ru_utime - own0.ru_utime) + (own1.ru_stime - own0.ru_stime)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"step {step} on {data.name} failed (exit {proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_seconds"] = wall
+    result["cpu_seconds"] = own_cpu
+    # CPU time the rest of the machine used meanwhile: contention inflates the timings.
+    result["other_cpu_seconds"] = max(0.0, _busy_seconds() - busy0 - own_cpu)
     return result
 
 
@@ -212,6 +232,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--no-tunables", dest="tunables", action="store_false", help="run steps without GLIBC_TUNABLES")
+    parser.add_argument("--no-fast", dest="fast", action="store_false",
+                        help="RecBole's own code paths (RECFLOW_RECBOLE_FAST=0), for comparison")
     parser.add_argument("--profile", choices=STEPS, default=None, help="print cProfile's top for this step")
     # Child mode.
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
@@ -256,24 +278,28 @@ def main() -> None:
     for steps in results.values():
         for r in steps:
             r.pop("profile", None)
-    print(json.dumps({"rows": args.rows, "model": args.model, "tunables": args.tunables, "results": results,
-                      "load_after": load_after}, default=str))
+    print(json.dumps({"rows": args.rows, "model": args.model, "tunables": args.tunables, "fast": args.fast,
+                      "results": results, "load_after": load_after}, default=str))
 
 
 def _print_table(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
     print()
     print(f"{args.rows:,} rows, model {args.model}, GLIBC_TUNABLES {'set' if args.tunables else 'unset'}, "
-          f"{os.cpu_count()} cores")
-    header = f"{'format':8} {'step':10} {'seconds':>8} {'process s':>10} {'peak RSS MiB':>13}"
+          f"RecBole fast paths {'on' if args.fast else 'off'}, {os.cpu_count()} cores")
+    header = (f"{'format':8} {'step':10} {'seconds':>8} {'process s':>10} {'peak RSS MiB':>13} {'CPU s':>7} "
+              f"{'other CPU s':>12}")
     print(header)
     print("-" * len(header))
     for fmt, steps in results.items():
         for r in steps:
-            print(f"{fmt:8} {r['step']:10} {r['seconds']:8.1f} {r['process_seconds']:10.1f} {r['peak_rss_mib']:13.0f}")
+            print(f"{fmt:8} {r['step']:10} {r['seconds']:8.1f} {r['process_seconds']:10.1f} {r['peak_rss_mib']:13.0f} "
+                  f"{r['cpu_seconds']:7.1f} {r['other_cpu_seconds']:12.1f}")
         total = sum(r["seconds"] for r in steps)
         wall = sum(r["process_seconds"] for r in steps)
         peak = max(r["peak_rss_mib"] for r in steps)
-        print(f"{fmt:8} {'total':10} {total:8.1f} {wall:10.1f} {peak:13.0f}")
+        cpu = sum(r["cpu_seconds"] for r in steps)
+        other = sum(r["other_cpu_seconds"] for r in steps)
+        print(f"{fmt:8} {'total':10} {total:8.1f} {wall:10.1f} {peak:13.0f} {cpu:7.1f} {other:12.1f}")
         print(f"{fmt:8} {'vs goal':10} {total / GOAL_SECONDS:7.2f}x {wall / GOAL_SECONDS:9.2f}x "
               f"{peak / GOAL_RSS_MIB:12.2f}x   (goal {GOAL_SECONDS:.0f} s, {GOAL_RSS_MIB:.0f} MiB; <= 1.00x meets it)")
         validate = next((r for r in steps if r["step"] == "validate"), None)
@@ -283,6 +309,8 @@ def _print_table(args: argparse.Namespace, results: dict[str, list[dict[str, Any
         if build:
             print(f"{fmt:8} dataset: {build['users']:,} users, {build['items']:,} items, "
                   f"{build['interactions']:,} interactions after filtering")
+    print("seconds: the step's call; process s: its whole subprocess (imports included); CPU s: the subprocess's")
+    print("CPU time; other CPU s: what the rest of the machine used meanwhile (well above 0: the timings are inflated)")
     print()
 
 

@@ -145,6 +145,15 @@ class TrainingConfig(_Strict):
     fast_cpu_dropout: bool = Field(
         default=True, description="on CPU, dropout from rand>=p (same distribution, ~4x faster than torch's)"
     )
+    grad_accumulation: int = Field(
+        default=1,
+        ge=1,
+        description="micro-batches per optimizer step: each train batch is split into this many parts "
+        "(same effective batch, less memory); doubled automatically on a GPU out-of-memory error",
+    )
+    min_micro_batch: int = Field(
+        default=8, ge=1, description="smallest micro-batch the out-of-memory step-down may reach before failing"
+    )
 
 
 class EvaluationConfig(_Strict):

@@ -10,6 +10,7 @@ process needs only the run folder.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -58,7 +59,7 @@ def write_atomic_files(snapshot: Snapshot, data_dir: Path) -> Path:
     .inter file's size and a hash of its ends: RecBole then loads that instead of parsing
     the text file with pandas' python engine (see ``load_inter_sidecar``). A sidecar whose
     stamp does not match the .inter file is ignored. The sidecar holds exactly the floats
-    pandas parses from the text (see ``_float_sidecar_safe``); where that cannot be
+    pandas parses from the text (see ``_as_pandas_parses``); where that cannot be
     guaranteed no sidecar is written and RecBole reads the text file.
 
     Timestamps are epoch microseconds / 1e6 with numpy's correctly rounded division (polars'
@@ -85,24 +86,34 @@ def write_atomic_files(snapshot: Snapshot, data_dir: Path) -> Path:
     sidecar.unlink(missing_ok=True)  # never leave a sidecar that describes an older .inter
     # RecBole reads with pandas' default quoting: quote what needs it (tabs, quotes in ids).
     frame.write_csv(path, separator="\t", quote_style="necessary")
-    if sidecar_ok and (not snapshot.has_rating or _float_sidecar_safe(frame.get_column(f"{RATING}:float"))):
+    if snapshot.has_rating and sidecar_ok:
+        # e.g. a float32 rating 0.1 is written as 0.10000000149011612, which pandas reads 1 ulp off.
+        parsed = _as_pandas_parses(frame.get_column(f"{RATING}:float"))
+        sidecar_ok = parsed is not None
+        if parsed is not None:
+            frame = frame.with_columns(parsed)
+    if sidecar_ok:
         tmp = sidecar.with_name(sidecar.name + ".tmp")
         frame.write_parquet(tmp, compression="lz4", statistics=False, metadata={_STAMP_KEY: _inter_stamp(path)})
         tmp.replace(sidecar)
     return path
 
 
-def _float_sidecar_safe(values: pl.Series, limit: int = 100_000) -> bool:
-    """Whether pandas' python-engine parser reads every distinct value back exactly from its CSV text."""
-    distinct = values.drop_nulls().unique()
-    if distinct.len() > limit:
-        return False
-    text = pl.DataFrame({"v": distinct}).write_csv()
+def _as_pandas_parses(values: pl.Series, limit: int = 100_000) -> pl.Series | None:
+    """``values`` as pandas' python-engine parser reads them back from their CSV text.
+
+    Done on the distinct values; ``None`` when there are more than ``limit`` of them.
+    """
     import io
 
+    distinct = values.drop_nulls().unique()
+    if distinct.len() > limit:
+        return None
+    text = pl.DataFrame({"v": distinct}).write_csv()
     parsed = pd.read_csv(io.StringIO(text), dtype={"v": np.float64}, engine="python")["v"].to_numpy()
-    original = distinct.to_numpy()
-    return bool(np.array_equal(parsed, original, equal_nan=True))
+    if np.array_equal(parsed, distinct.to_numpy(), equal_nan=True):
+        return values
+    return values.replace(distinct, pl.Series(parsed, dtype=pl.Float64))
 
 
 def _model_loss_type(model_name: str, params: dict[str, Any]) -> str | None:
@@ -241,8 +252,10 @@ def build_dataset(snapshot: Snapshot, config: PipelineConfig, run_dir: Path) -> 
 #    the same (first-appearance) order, same indices in each part.
 # 4. Sampler.get_used_ids: the same per-user sets, filled group-wise instead of row by row.
 # 5. FullSortEvalDataLoader.__init__ (general models): the same per-user tensors, built
-#    from contiguous user blocks instead of row by row.
+#    from contiguous user blocks instead of row by row (views of one tensor per kind).
+# 6. AbstractDataLoader.__init__: torch's DataLoader gets range(n), not list(range(n)).
 #
+# 4-5 run with the cyclic garbage collector paused (it cost ~7 s of a 10M-row build).
 # Sets are filled with the same values in the same order as RecBole's loops, so even the
 # iteration order of every set (and the tensors made from them) is unchanged.
 # ``recbole_fast_paths(False)`` switches them all off (tests and benchmarks compare both).
@@ -332,6 +345,7 @@ def _install_recbole_fast_paths() -> None:
     from recbole.data.dataloader.general_dataloader import FullSortEvalDataLoader
     from recbole.data.dataset import Dataset
     from recbole.data.interaction import Interaction
+    from recbole.data.transform import construct_transform
     from recbole.sampler.sampler import Sampler
     from recbole.utils import FeatureSource, FeatureType, ModelType
 
@@ -344,6 +358,7 @@ def _install_recbole_fast_paths() -> None:
         "split_loo": Dataset._split_index_by_leave_one_out,
         "used_ids": Sampler.get_used_ids,
         "full_sort_init": FullSortEvalDataLoader.__init__,
+        "loader_init": AbstractDataLoader.__init__,
     }
 
     # 1. ------------------------------------------------------------------ .inter from Parquet
@@ -442,6 +457,13 @@ def _install_recbole_fast_paths() -> None:
     def _get_used_ids(self: Any) -> Any:
         if not _FAST_PATHS:
             return originals["used_ids"](self)
+        with _gc_paused():
+            return _fill_used_ids(self)
+
+    def _fill_used_ids(self: Any) -> Any:
+        # One Python int per item id, shared by every set (RecBole's loop stores one numpy
+        # scalar per row: 10M rows, 320 MB of scalars).
+        item_objects = _int_objects(self.item_num)
         used_item_id = {}
         last = [set() for _ in range(self.user_num)]
         for phase, dataset in zip(self.phases, self.datasets):
@@ -452,7 +474,7 @@ def _install_recbole_fast_paths() -> None:
                 order = np.argsort(uids, kind="stable")  # each user's items in row order
                 sorted_uids = uids[order]
                 starts = np.flatnonzero(np.r_[True, sorted_uids[1:] != sorted_uids[:-1]])
-                items = iids[order].tolist()
+                items = item_objects[iids[order]].tolist()
                 bounds = np.r_[starts, uids.size].tolist()
                 for uid, lo, hi in zip(sorted_uids[starts].tolist(), bounds[:-1], bounds[1:]):
                     cur[uid].update(items[lo:hi])
@@ -471,6 +493,10 @@ def _install_recbole_fast_paths() -> None:
         if not _FAST_PATHS or config["MODEL_TYPE"] == ModelType.SEQUENTIAL or len(dataset) == 0:
             originals["full_sort_init"](self, config, dataset, sampler, shuffle=shuffle)
             return
+        with _gc_paused():
+            _full_sort_fill(self, config, dataset, sampler, shuffle)
+
+    def _full_sort_fill(self: Any, config: Any, dataset: Any, sampler: Any, shuffle: bool) -> None:
         self.logger = getLogger()
         self.uid_field = dataset.uid_field
         self.iid_field = dataset.iid_field
@@ -481,17 +507,26 @@ def _install_recbole_fast_paths() -> None:
         history = np.array([None] * user_num)
         dataset.sort(by=self.uid_field, ascending=True)
         uids = dataset.inter_feat[self.uid_field].numpy()
-        iids = dataset.inter_feat[self.iid_field].numpy().tolist()
+        iids = _int_objects(dataset.item_num)[dataset.inter_feat[self.iid_field].numpy()].tolist()
         starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]])
         bounds = np.r_[starts, uids.size].tolist()
         uid_list = uids[starts]
         used = sampler.used_ids
+        # Each user's sets as RecBole builds them (so the same element order), their
+        # elements laid end to end: one tensor per kind, a view of it per user.
+        flat: tuple[list[int], list[int]] = ([], [])
+        sizes: tuple[list[int], list[int]] = ([], [])
         for uid, lo, hi in zip(uid_list.tolist(), bounds[:-1], bounds[1:]):
             positive_item = set(iids[lo:hi])
             history_item = used[uid] - positive_item
-            positive[uid] = torch.tensor(list(positive_item), dtype=torch.int64)
-            items_num[uid] = len(positive_item)
-            history[uid] = torch.tensor(list(history_item), dtype=torch.int64)
+            flat[0].extend(positive_item)
+            flat[1].extend(history_item)
+            sizes[0].append(len(positive_item))
+            sizes[1].append(len(history_item))
+        views = [torch.split(torch.from_numpy(np.array(f, dtype=np.int64)), n) for f, n in zip(flat, sizes)]
+        del flat
+        for uid, pos, hist, n in zip(uid_list.tolist(), views[0], views[1], sizes[0]):
+            positive[uid], history[uid], items_num[uid] = pos, hist, n
         self.uid2items_num, self.uid2positive_item, self.uid2history_item = items_num, positive, history
         self.uid_list = torch.tensor(uid_list, dtype=torch.int64)
         self.user_df = dataset.join(Interaction({self.uid_field: self.uid_list}))
@@ -501,12 +536,62 @@ def _install_recbole_fast_paths() -> None:
             shuffle = False
         AbstractDataLoader.__init__(self, config, dataset, sampler, shuffle=shuffle)
 
+    # 6. ------------------------------------------------------------------ loader index list
+    def _abstract_loader_init(self: Any, config: Any, dataset: Any, sampler: Any, shuffle: bool = False) -> None:
+        if not _FAST_PATHS or not config["single_spec"]:
+            originals["loader_init"](self, config, dataset, sampler, shuffle=shuffle)
+            return
+        # RecBole's own __init__, but torch's DataLoader indexes range(n) instead of
+        # list(range(n)) (10M rows: 360 MB of ints); same sampler, same batches.
+        self.shuffle = shuffle
+        self.config = config
+        self._dataset = dataset
+        self._sampler = sampler
+        self._batch_size = self.step = self.model = None
+        self._init_batch_size_and_step()
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config["seed"])
+        self.transform = construct_transform(config)
+        self.is_sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+        torch.utils.data.DataLoader.__init__(
+            self,
+            dataset=range(self.sample_size),
+            batch_size=self.step,
+            collate_fn=self.collate_fn,
+            num_workers=config["worker"],
+            shuffle=shuffle,
+            sampler=None,
+            generator=self.generator,
+        )
+
     Dataset._load_feat = _load_feat
     Interaction.__getitem__ = _getitem
     Dataset._grouped_index = _grouped_index
     Dataset._split_index_by_leave_one_out = _split_index_by_leave_one_out
     Sampler.get_used_ids = _get_used_ids
     FullSortEvalDataLoader.__init__ = _full_sort_init
+    AbstractDataLoader.__init__ = _abstract_loader_init
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while hundreds of thousands of sets and tensors are made.
+
+    Each full collection walks every tracked object; building the samplers' sets and the
+    loaders' tensors triggered enough of them to cost a third of a 10M-row build.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _int_objects(n: int) -> np.ndarray:
+    """An object array of the Python ints 0..n-1 (indexing it shares them instead of creating new ones)."""
+    return np.arange(n, dtype=np.int64).astype(object)
 
 
 _install_recbole_fast_paths()

@@ -89,6 +89,18 @@ class TrainedModel(BaseModel):
     train_batch_size: int
     parameters: int
     seconds: float
+    micro_batch_size: int | None = Field(
+        default=None, description="rows per forward/backward (train_batch_size / grad_accumulation, rounded up)"
+    )
+    grad_accumulation: int = Field(default=1, description="micro-batches per optimizer step at the end of training")
+    oom_retries: list[str] = Field(
+        default_factory=list, description="out-of-memory step-downs, e.g. 'epoch 1: CUDA OOM at micro-batch 1024 -> 512 x2'"
+    )
+    resumed_from_epoch: int | None = Field(
+        default=None,
+        description="0-based index (as in `epochs`) of the last epoch restored from checkpoints/latest.pth "
+        "after a crashed attempt; training continued at the next epoch. None: not resumed",
+    )
 
 
 class GateDecision(BaseModel):

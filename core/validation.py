@@ -64,7 +64,7 @@ from great_expectations.core.expectation_validation_result import ExpectationVal
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 from great_expectations.exceptions import GreatExpectationsError  # noqa: E402
 
-from core.config import PipelineConfig  # noqa: E402
+from core.config import QUESTION_ATTEMPTS_COLUMNS, PipelineConfig  # noqa: E402
 from core.errors import ConfigError, DataSourceError, DataValidationError  # noqa: E402
 from core.records import ITEM, RATING, TIME, USER, CheckResult, Snapshot, ValidationReport  # noqa: E402
 
@@ -74,12 +74,18 @@ SUITE_FILES = {
     "question_attempts": SUITES_DIR / "question_attempts.json",
 }
 DEFAULT_SUITE = SUITE_FILES["interactions"]
-# The columns that make a snapshot a question_attempts one (suite "auto").
-QUESTION_ATTEMPT_COLUMNS = ("is_correct", "response_time_seconds", "difficulty_level", "topic", "subtopic")
+# The columns that make a snapshot a question_attempts one (suite "auto"): the extra
+# columns of the question_attempts column mapping.
+QUESTION_ATTEMPT_COLUMNS = tuple(QUESTION_ATTEMPTS_COLUMNS["extra"])
 REPORT_FILE = "validation_report.json"
 MAX_EXAMPLES = 5
 # Columns a snapshot may lack; expectations on them are skipped (not failed) when absent.
 OPTIONAL_COLUMNS = (RATING,)
+# pandas' read_csv default NA strings: RecBole reads an id equal to one of them as missing.
+RECBOLE_NA_TOKENS = frozenset(
+    ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+     "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+)
 # GX kwargs that name columns (what GX needs in its pandas copy).
 _COLUMN_KWARGS = ("column", "column_A", "column_B")
 
@@ -315,8 +321,8 @@ def _to_pandas(frame: pl.DataFrame, height: int) -> pd.DataFrame:
             )
         elif isinstance(dtype, pl.Datetime) and dtype.time_zone:
             # to_numpy() yields naive UTC instants.
-            values = pd.Series(series.to_numpy(), name=series.name)
-            data[series.name] = values.dt.tz_localize("UTC").dt.tz_convert(dtype.time_zone)
+            values = pd.Series(series.to_numpy(), name=series.name).dt.tz_localize("UTC")
+            data[series.name] = values if dtype.time_zone == "UTC" else values.dt.tz_convert(dtype.time_zone)
         else:
             data[series.name] = series.to_numpy()
     # The index carries the row count when GX needs no column at all (a row-count-only suite).
@@ -413,7 +419,10 @@ def _null_row_examples(frame: pl.DataFrame, column: str) -> list[str]:
 
 
 def _own_checks(frame: pl.DataFrame, config: PipelineConfig, previous_rows: int | None = None) -> list[CheckResult]:
-    """Checks GX cannot express simply; each needs its columns (a missing column already fails in GX)."""
+    """Checks GX cannot express simply; each needs its columns (a missing column already fails in GX).
+
+    Written for 10M-row snapshots: aggregations over the id columns, no copies of them.
+    """
     checks: list[CheckResult] = []
     if USER in frame.columns:
         checks.append(_at_least_two(frame, USER, "users"))
@@ -421,6 +430,8 @@ def _own_checks(frame: pl.DataFrame, config: PipelineConfig, previous_rows: int 
         checks.append(_at_least_two(frame, ITEM, "items"))
     if USER in frame.columns:
         checks.extend(_split_checks(frame, config))
+    if {USER, ITEM} & set(frame.columns):
+        checks.append(_ids_recbole_reads_as_missing(frame))
     if TIME in frame.columns and isinstance(frame.schema[TIME], pl.Datetime):
         checks.append(_not_in_future(frame, config.validation.future_tolerance_hours))
     if {USER, ITEM, TIME} <= set(frame.columns):
@@ -431,7 +442,8 @@ def _own_checks(frame: pl.DataFrame, config: PipelineConfig, previous_rows: int 
 
 
 def _at_least_two(frame: pl.DataFrame, column: str, label: str) -> CheckResult:
-    n = frame.get_column(column).drop_nulls().n_unique()
+    values = frame.get_column(column)
+    n = values.n_unique() - (1 if values.null_count() else 0)
     return CheckResult(name=f"at least 2 {label}", success=n >= 2, details=f"{n} distinct {column} values")
 
 
@@ -448,16 +460,16 @@ def _split_checks(frame: pl.DataFrame, config: PipelineConfig) -> list[CheckResu
     d = config.dataset
     need_user, need_item = d.min_user_interactions, d.min_item_interactions
     keys = [c for c in (USER, ITEM) if c in frame.columns]
-    rows = frame.select(keys).drop_nulls()
+    rows = frame.select(keys)  # shares the columns, copies nothing
+    if any(rows.get_column(c).null_count() for c in keys):
+        rows = rows.drop_nulls()
     counts = rows.group_by(USER).agg(pl.len().alias("n"))
     total = counts.height
-    kept = counts.filter(pl.col("n") >= need_user).height
     short = counts.filter(pl.col("n") < need_user).sort(["n", USER])
-    users_left, items_left = kept, None
+    kept = total - short.height
+    users_left, items_left, items_total = kept, None, None
     if ITEM in keys:
-        left = _recbole_filter(rows, counts, need_user, need_item)
-        users_left = left.get_column(USER).n_unique()
-        items_left = left.get_column(ITEM).n_unique()
+        users_left, items_left, items_total = _left_after_filtering(rows, counts, short, need_user, need_item)
     split = "leave-one-out" if d.split == "loo" else "ratio"
     details = f"{kept} of {total} users have >= {need_user} interactions"
     if users_left != kept:
@@ -478,7 +490,6 @@ def _split_checks(frame: pl.DataFrame, config: PipelineConfig) -> list[CheckResu
         ),
     ]
     if items_left is not None:
-        items_total = rows.get_column(ITEM).n_unique()
         checks.append(
             CheckResult(
                 name="at least 2 items left after filtering",
@@ -490,23 +501,54 @@ def _split_checks(frame: pl.DataFrame, config: PipelineConfig) -> list[CheckResu
     return checks
 
 
-def _recbole_filter(rows: pl.DataFrame, user_counts: pl.DataFrame, need_user: int, need_item: int) -> pl.DataFrame:
-    """RecBole's iterative user/item interaction-count filter (``_filter_by_inter_num``)."""
-    counts: pl.DataFrame | None = user_counts
-    while True:
-        if counts is None:
-            counts = rows.group_by(USER).agg(pl.len().alias("n"))
-        bad_users = counts.filter(pl.col("n") < need_user).get_column(USER)
-        bad_items = pl.Series(ITEM, [], dtype=rows.schema[ITEM])
-        if need_item > 1:  # with 1, an item still in the data always has >= 1 row
-            item_counts = rows.group_by(ITEM).agg(pl.len().alias("n"))
-            bad_items = item_counts.filter(pl.col("n") < need_item).get_column(ITEM)
+def _left_after_filtering(
+    rows: pl.DataFrame, user_counts: pl.DataFrame, short: pl.DataFrame, need_user: int, need_item: int
+) -> tuple[int, int, int]:
+    """(users, items, items before) left after RecBole's ``_filter_by_inter_num``."""
+    item_counts = rows.group_by(ITEM).agg(pl.len().alias("n"))
+    if need_item <= 1:
+        # Dropping whole users changes no other user's count and leaves every item >= 1 row:
+        # one round. An item is lost when all its rows belong to dropped users.
+        if short.height == 0:
+            return user_counts.height, item_counts.height, item_counts.height
+        dropped = rows.filter(pl.col(USER).is_in(short.get_column(USER))).group_by(ITEM).agg(pl.len().alias("d"))
+        lost = dropped.join(item_counts, on=ITEM).filter(pl.col("d") == pl.col("n")).height
+        return user_counts.height - short.height, item_counts.height - lost, item_counts.height
+    left = rows
+    while True:  # rare settings: replay the rounds on the rows themselves
+        bad_users = left.group_by(USER).agg(pl.len().alias("n")).filter(pl.col("n") < need_user).get_column(USER)
+        bad_items = left.group_by(ITEM).agg(pl.len().alias("n")).filter(pl.col("n") < need_item).get_column(ITEM)
         if bad_users.len() == 0 and bad_items.len() == 0:
-            return rows
-        rows = rows.filter(~pl.col(USER).is_in(bad_users) & ~pl.col(ITEM).is_in(bad_items))
-        if need_item <= 1:
-            return rows  # dropping whole users changes no other user's count: already stable
-        counts = None
+            break
+        left = left.filter(~pl.col(USER).is_in(bad_users) & ~pl.col(ITEM).is_in(bad_items))
+    return left.get_column(USER).n_unique(), left.get_column(ITEM).n_unique(), item_counts.height
+
+
+def _ids_recbole_reads_as_missing(frame: pl.DataFrame) -> CheckResult:
+    """Ids such as "NA", "null" or "None" are NaN to RecBole (pandas' default NA strings).
+
+    RecBole drops their rows; and when both users and items have some, RecBole 1.2.1's
+    ``_filter_nan_user_or_item`` mixes index labels with positions and drops other rows (or
+    fails), so that case blocks the run.
+    """
+    found: dict[str, pl.Series] = {}
+    for column in (USER, ITEM):
+        if column in frame.columns and frame.schema[column] == pl.String:
+            values = frame.get_column(column)
+            hits = values.filter(values.is_in(pl.Series(list(RECBOLE_NA_TOKENS), dtype=pl.String)))
+            if hits.len():
+                found[column] = hits
+    rows = sum(h.len() for h in found.values())
+    name = "no ids that RecBole reads as missing (NA, null, None, nan, ...)"
+    if not found:
+        return CheckResult(name=name, success=True, details="none")
+    severity: Severity = "error" if len(found) == 2 else "warning"
+    parts = [f"{h.len()} {c} values" for c, h in found.items()]
+    details = f"{' and '.join(parts)} ({_pct(rows, frame.height)} of rows) are pandas NA strings: RecBole drops them"
+    if severity == "error":
+        details += "; with both users and items affected RecBole 1.2.1 drops the wrong rows — rename these ids"
+    examples = [f"{c}={v!r}" for c, h in found.items() for v in h.unique(maintain_order=True).head(MAX_EXAMPLES)]
+    return CheckResult(name=name, success=False, severity=severity, details=details, examples=examples[:MAX_EXAMPLES])
 
 
 def _not_in_future(frame: pl.DataFrame, tolerance_hours: float) -> CheckResult:
@@ -532,10 +574,18 @@ def _not_in_future(frame: pl.DataFrame, tolerance_hours: float) -> CheckResult:
 
 
 def _duplicates(frame: pl.DataFrame, max_fraction: float) -> CheckResult:
-    """Exact repeats of (user, item, time): a few are noise (warning), many mean a broken export."""
-    keyed = frame.select(USER, ITEM, TIME).drop_nulls()
+    """Exact repeats of (user, item, time): a few are noise (warning), many mean a broken export.
+
+    Distinct row hashes prove there are no repeats without a hash table of the rows
+    themselves; only when hashes repeat are the rows compared.
+    """
+    keyed = frame.select(USER, ITEM, TIME)
+    if any(keyed.get_column(c).null_count() for c in keyed.columns):
+        keyed = keyed.drop_nulls()
     rows = keyed.height
-    dups = rows - keyed.n_unique() if rows else 0
+    dups = 0
+    if rows and keyed.hash_rows(seed=0).n_unique() != rows:
+        dups = rows - keyed.n_unique()
     share = dups / rows if rows else 0.0
     severity: Severity = "error" if share > max_fraction or dups == 0 else "warning"
     examples: list[str] = []

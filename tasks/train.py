@@ -29,6 +29,11 @@ def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> 
         )
 
     trained = train(config, splits, run_dir, on_epoch=on_epoch)
+    if trained.resumed_from_epoch is not None:
+        logger.warning("resumed a crashed attempt after epoch %d (from checkpoints/latest.pth)",
+                       trained.resumed_from_epoch + 1)
+    for event in trained.oom_retries:
+        logger.warning("out of memory, stepped down: %s (effective batch %d kept)", event, trained.train_batch_size)
     create_table_artifact(
         table=[e.model_dump() for e in trained.epochs],
         key=artifact_key("training-curve", config.registry_name),

@@ -37,7 +37,7 @@ T0 = datetime(2023, 1, 1, tzinfo=timezone.utc)
 # Ids a CSV round trip can get wrong: separators, quotes, newlines, pandas' NA strings,
 # spaces, leading zeros, unicode, numbers in text.
 TRICKY = ["u\t1", 'say "hi"', "multi\nline", "NA", "null", "#N/A", " padded ", "007", "7", "ü-é", "1e3", "n/a x",
-          "None", "", "nan", "-1.#IND", "a,b", "'q'", "\\back", "x\r"]
+          "None", "", "nan", "-1.#IND", "a,b", "'q'", "\\back", "x\r", " NA", "NAN", "Null"]
 # The ones pandas' read_csv (so RecBole) turns into NaN.
 NA_LIKE = {"NA", "null", "#N/A", "None", "", "nan", "-1.#IND"}
 
@@ -230,6 +230,16 @@ def test_ml100k_bpr_identical_splits_loaders_and_metrics(ml100k_snapshot: Snapsh
     )
     splits_slow, slow = _build(ml100k_snapshot, config, tmp_path / "slow", fast=False)
     splits_fast, fast = _build(ml100k_snapshot, config, tmp_path / "fast", fast=True)
+    # The .inter text is byte for byte what recflow wrote before the fast paths (integer-second
+    # timestamps divide exactly either way), so the slow side is the previous code path.
+    before = pl.read_parquet(ml100k_snapshot.path).select(
+        pl.col(USER).alias(f"{USER}:token"),
+        pl.col(ITEM).alias(f"{ITEM}:token"),
+        (pl.col(TIME).dt.epoch("us").cast(pl.Float64) / 1_000_000).alias(f"{TIME}:float"),
+        pl.col(RATING).cast(pl.Float64).alias(f"{RATING}:float"),
+    )
+    inter = splits_fast.data_dir / "interactions" / "interactions.inter"
+    assert inter.read_text() == before.write_csv(separator="\t", quote_style="necessary")
     assert splits_fast == splits_slow.model_copy(update={"data_dir": splits_fast.data_dir})
     assert (splits_fast.users, splits_fast.items, splits_fast.interactions) == (943, 1682, 100_000)
     assert [len(d._dataset) for d in (fast.train, fast.valid, fast.test)] == [98_114, 943, 943]
@@ -238,15 +248,20 @@ def test_ml100k_bpr_identical_splits_loaders_and_metrics(ml100k_snapshot: Snapsh
     metrics = {}
     from recbole.utils import init_seed
 
-    for name, data in (("slow", slow), ("fast", fast)):
-        with recbole_fast_paths(name == "fast"):
-            init_seed(data.config["seed"], data.config["reproducibility"])
-            model = build_model(data)
-            checkpoint = tmp_path / name / "best.pth"
-            trainer = make_trainer(data, model, checkpoint)
-            trainer.fit(data.train, data.valid, verbose=False, saved=False)
-            trainer.tensorboard.close()
-            metrics[name] = ranking_metrics(data, model, checkpoint)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and immune to a busy machine
+    try:
+        for name, data in (("slow", slow), ("fast", fast)):
+            with recbole_fast_paths(name == "fast"):
+                init_seed(data.config["seed"], data.config["reproducibility"])
+                model = build_model(data)
+                checkpoint = tmp_path / name / "best.pth"
+                trainer = make_trainer(data, model, checkpoint)
+                trainer.fit(data.train, data.valid, verbose=False, saved=False)
+                trainer.tensorboard.close()
+                metrics[name] = ranking_metrics(data, model, checkpoint)
+    finally:
+        torch.set_num_threads(threads)
     assert metrics["fast"] == metrics["slow"]
     assert metrics["fast"][1]["ndcg@10"] > 0
 
@@ -257,3 +272,37 @@ def test_ml100k_sasrec_identical_splits(ml100k_snapshot: Snapshot, tmp_path: Pat
     _, fast = _build(ml100k_snapshot, config, tmp_path / "fast", fast=True)
     _assert_same_data(fast, slow)
     assert len(fast.train._dataset) == 100_000 - 2 * 943 - 943  # one sample per row after each user's first
+
+
+def test_random_microsecond_timestamps_and_float32_ratings_read_back_identically(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    n = 30_000
+    micros = rng.integers(-2_000_000_000_000_000, 4_000_000_000_000_000, n)
+    micros[:6] = [0, 1, 999_999, 1_000_000, -1, 1_672_531_496_063_352]
+    frame = pl.DataFrame(
+        {
+            USER: [f"u{k % 97}" for k in range(n)],
+            ITEM: [f"i{k % 89}" for k in range(n)],
+            TIME: pl.Series(micros).cast(pl.Datetime("us")).dt.replace_time_zone("UTC"),
+            RATING: pl.Series(rng.choice([0.1, 0.7, 1.0, 3.3, 4.5, 2.0 / 3.0], n)).cast(pl.Float32),
+        }
+    )
+    path = tmp_path / "s.parquet"
+    frame.write_parquet(path)
+    snapshot = Snapshot(path=path, source="t", rows=n, users=97, items=89, has_rating=True, fingerprint="f")
+    inter = write_atomic_files(snapshot, tmp_path / "data")
+    assert Path(f"{inter}.parquet").is_file()
+    rb_config = _rb_config(load_config(overrides={"model.name": "BPR"}), tmp_path / "data", tmp_path)
+    slow, _ = _load_feat(rb_config, inter, fast=False)
+    fast, _ = _load_feat(rb_config, inter, fast=True)
+    _assert_same_frame(fast, slow)
+    # float32 0.1 is written as 0.10000000149011612 and read back 1 ulp off: the sidecar agrees.
+    assert 0.10000000149011612 not in set(slow["rating"]) and len(set(slow["rating"])) == 6
+    # The timestamps are the exact micro-second instants (correctly rounded), not 1 ulp off.
+    assert np.array_equal(slow["timestamp"].to_numpy(), micros / 1e6)
+
+
+def test_na_strings_are_pandas_defaults() -> None:
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    assert ds._PANDAS_NA_STRINGS == STR_NA_VALUES

@@ -436,8 +436,9 @@ def test_future_tolerance_comes_from_config(tmp_path: Path) -> None:
     assert not check.success and check.details.startswith("1 of 24 timestamps")
     relaxed = _validate(frame, tmp_path, _config(future_tolerance_hours=48))
     assert _check(relaxed, "timestamps not in the future (> 48 h ahead fails)").success and relaxed.success
-    tight = _validate(_frame(_rows()[:-1] + [dict(_rows()[-1], **{TIME: datetime.now(timezone.utc) + timedelta(minutes=40)})]),
-                      tmp_path, _config(future_tolerance_hours=0.5))
+    soon = _rows()
+    soon[-1][TIME] = datetime.now(timezone.utc) + timedelta(minutes=40)
+    tight = _validate(_frame(soon), tmp_path, _config(future_tolerance_hours=0.5))
     assert not _check(tight, "timestamps not in the future (> 0.5 h ahead fails)").success
 
 
@@ -515,3 +516,28 @@ def test_gx_gets_only_needed_columns_with_ids_as_categoricals(monkeypatch: pytes
     counted = validate_snapshot(_snapshot(frame, tmp_path), config, tmp_path, suite_path=suite)
     assert seen[0].shape == (24, 0)
     assert _check(counted, "expect_table_row_count_to_be_between(min_value=30)").details == "24 rows"
+
+
+def test_ids_recbole_reads_as_missing(tmp_path: Path, config: PipelineConfig) -> None:
+    name = "no ids that RecBole reads as missing (NA, null, None, nan, ...)"
+    rows = _rows()
+    for r in rows[:6]:
+        r[USER] = "NA"  # a learner really called "NA": pandas (so RecBole) reads it as missing
+    report = _validate(_frame(rows), tmp_path, config)
+    check = _check(report, name)
+    assert not check.success and check.severity == "warning" and report.success
+    assert check.details.startswith("6 user_id values (25% of rows) are pandas NA strings")
+    assert check.examples == ["user_id='NA'"]
+    rows[7][ITEM] = "null"
+    both = _check(_validate(_frame(rows), tmp_path, config), name)
+    assert both.severity == "error" and "drops the wrong rows" in both.details
+    assert both.examples == ["user_id='NA'", "item_id='null'"]
+    assert _check(_validate(_frame(_rows()), tmp_path, config), name).success
+
+
+def test_recbole_na_tokens_are_pandas_defaults() -> None:
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    from core.validation import RECBOLE_NA_TOKENS
+
+    assert RECBOLE_NA_TOKENS == STR_NA_VALUES
