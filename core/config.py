@@ -154,6 +154,21 @@ class TrainingConfig(_Strict):
     min_micro_batch: int = Field(
         default=8, ge=1, description="smallest micro-batch the out-of-memory step-down may reach before failing"
     )
+    amp: Literal["off", "bf16", "fp16"] = Field(
+        default="off",
+        description="mixed precision: autocast to bfloat16/float16 (CUDA; bf16 also on CPU; off on MPS). "
+        "fp16 adds a gradient scaler",
+    )
+    tf32: bool = Field(default=True, description="CUDA only: TF32 matmuls and cuDNN convolutions (Ampere+)")
+    compile: bool = Field(
+        default=False, description="torch.compile the model's forward; on failure, warn and train uncompiled"
+    )
+    clip_grad_norm: float | None = Field(
+        default=None, gt=0, description="clip the gradients' total norm to this (RecBole's clip_grad_norm max_norm)"
+    )
+    dataloader_workers: int = Field(
+        default=0, ge=0, description="worker processes loading batches (RecBole's `worker`); 0: in the main process"
+    )
 
 
 class EvaluationConfig(_Strict):
@@ -200,6 +215,20 @@ class RegistryConfig(_Strict):
     )
 
 
+class TrackingConfig(_Strict):
+    """What a run records besides checkpoints (see README "Tracking")."""
+
+    wandb: bool = Field(default=True, description="record a Weights & Biases run under <run>/wandb (if installed)")
+    wandb_project: str = "recflow"
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        default="offline", description="offline: no network, `wandb sync` later; online needs WANDB_API_KEY"
+    )
+    gpu_sample_seconds: float = Field(
+        default=5.0, gt=0, description="CUDA: seconds between GPU usage samples (<run>/gpu_usage.csv)"
+    )
+    training_curve: bool = Field(default=True, description="draw <run>/training_curve.png")
+
+
 class PipelineConfig(_Strict):
     """Everything a run needs. Defaults: SASRec on the MovieLens-100k copy in RecBole's wheel."""
 
@@ -212,6 +241,7 @@ class PipelineConfig(_Strict):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

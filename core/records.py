@@ -101,6 +101,13 @@ class TrainedModel(BaseModel):
         description="0-based index (as in `epochs`) of the last epoch restored from checkpoints/latest.pth "
         "after a crashed attempt; training continued at the next epoch. None: not resumed",
     )
+    warning_signs: list[str] = Field(
+        default_factory=list, description="early-warning signs (plateau, train/valid gap, KL collapse, GPU memory)"
+    )
+    gpu_peak_fraction: float | None = Field(
+        default=None, description="CUDA: peak fraction of GPU memory used (sampled); None elsewhere"
+    )
+    amp: str = Field(default="off", description="mixed precision actually used: off, bf16 or fp16")
 
 
 class GateDecision(BaseModel):

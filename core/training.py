@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from core import recbole_compat as rb
+from core import tracking
 from core.config import PipelineConfig
 from core.dataset import RecBoleData, load_recbole_data
 from core.errors import TrainingError
@@ -123,6 +124,8 @@ class _RecflowTrainerMixin:
     min_micro_batch: int
     oom_retries: list[str]
     _micro_sizes_tried: list[int]
+    amp_dtype: torch.dtype | None
+    last_valid_result: dict[str, float] | None
 
     # ------------------------------------------------------------------ training
     @property
@@ -191,7 +194,10 @@ class _RecflowTrainerMixin:
         log.warning("%s (effective batch %s unchanged); retrying the epoch", event, self.config["train_batch_size"])
 
     def _run_epoch(self, train_data: Any, epoch_idx: int, loss_func: Any, show_progress: bool) -> Any:
-        if self.grad_accumulation == 1:
+        if self.grad_accumulation == 1 and (self.amp_dtype is None or not self._accumulation_supported()):
+            if self.amp_dtype is not None:
+                log.warning("training.amp is not supported for %s: training in float32", type(self).__name__)
+                self.amp_dtype = None
             return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)  # type: ignore[misc]
         if not self._accumulation_supported():
             raise TrainingError(
@@ -200,14 +206,20 @@ class _RecflowTrainerMixin:
         return self._accumulated_epoch(train_data, loss_func)
 
     def _accumulated_epoch(self, train_data: Any, loss_func: Any) -> Any:
-        """RecBole's Trainer._train_epoch, each batch as micro-batches with one optimizer step."""
+        """RecBole's Trainer._train_epoch, each batch as micro-batches with one optimizer step.
+
+        Also the loop for mixed precision (``training.amp``, any k): autocast with our dtype
+        (RecBole's own loop autocasts to float16 only), a gradient scaler for float16 only.
+        """
         from recbole.trainer import trainer as rbt
 
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         micro = self.micro_batch_size
         total_loss: Any = None
-        scaler = rbt.amp.GradScaler(enabled=self.enable_scaler)  # type: ignore[attr-defined]
+        dtype = self.amp_dtype
+        use_scaler = dtype is torch.float16 and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         for interaction in train_data:
             interaction = interaction.to(self.device)
             self.optimizer.zero_grad()
@@ -217,8 +229,12 @@ class _RecflowTrainerMixin:
                 # The models' losses are batch means: weighting by the share of rows makes the
                 # summed gradient (and the reported loss) the whole batch's.
                 weight = len(part) / rows
-                with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):  # type: ignore[attr-defined]
-                    losses = loss_func(part)
+                if dtype is not None:
+                    with torch.autocast(device_type=self.device.type, dtype=dtype):
+                        losses = loss_func(part)
+                else:
+                    with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):  # type: ignore[attr-defined]
+                        losses = loss_func(part)
                 if isinstance(losses, tuple):
                     loss = sum(losses)
                     parts = tuple(per_loss.item() * weight for per_loss in losses)
@@ -231,12 +247,24 @@ class _RecflowTrainerMixin:
                 scaler.scale(loss * weight).backward()
                 del losses, loss, part
             if self.clip_grad_norm:  # type: ignore[attr-defined]
+                if use_scaler:
+                    scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
                 rbt.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)  # type: ignore[attr-defined]
             scaler.step(self.optimizer)
             scaler.update()
         return total_loss
 
     # ------------------------------------------------------------------ evaluation
+    def _valid_epoch(self, valid_data: Any, show_progress: bool = False) -> Any:
+        score, result = super()._valid_epoch(valid_data, show_progress=show_progress)  # type: ignore[misc]
+        self.last_valid_result = dict(result) if result else None
+        tensorboard = getattr(self, "tensorboard", None)
+        if tensorboard is not None and result:
+            epoch = max(self.train_loss_dict) if self.train_loss_dict else 0  # the epoch just trained
+            for name, value in result.items():
+                tensorboard.add_scalar(f"valid/{name}", float(value), epoch)
+        return score, result
+
     def evaluate(self, eval_data: Any, load_best_model: bool = True, model_file: Any = None,
                  show_progress: bool = False) -> Any:
         while True:
@@ -346,6 +374,8 @@ def make_trainer(
     *,
     grad_accumulation: int = 1,
     min_micro_batch: int = 8,
+    amp_dtype: torch.dtype | None = None,
+    clip_grad_norm: float | None = None,
 ) -> Any:
     base = rb.trainer_class(data.config)
     cls = type(f"Recflow{base.__name__}", (_RecflowTrainerMixin, base), {})
@@ -357,7 +387,59 @@ def make_trainer(
     trainer.min_micro_batch = min_micro_batch
     trainer.oom_retries = []
     trainer._micro_sizes_tried = []
+    trainer.amp_dtype = amp_dtype
+    trainer.last_valid_result = None
+    if clip_grad_norm is not None:
+        trainer.clip_grad_norm = {"max_norm": float(clip_grad_norm)}
     return trainer
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``training.amp`` on ``device``; None: float32 (with a warning when asked for)."""
+    if amp == "off":
+        return None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type == "cuda":
+        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            log.warning("training.amp=bf16: this GPU has no bfloat16; training in float32 (try amp=fp16)")
+            return None
+        return dtype
+    if device.type == "cpu" and dtype is torch.bfloat16:
+        return dtype
+    log.warning("training.amp=%s is not supported on %s: training in float32", amp, device.type)
+    return None
+
+
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """CUDA: TF32 matmuls and cuDNN convolutions on/off (no effect elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def compile_model(model: torch.nn.Module) -> bool:
+    """torch.compile the model's ``forward`` in place (RecBole calls ``self.forward`` from its losses,
+    so compiling ``__call__`` would miss it). torch compiles lazily: a compile error on the first call
+    is logged and that call (and every later one) runs uncompiled."""
+    original = model.forward
+    try:
+        compiled = torch.compile(original)
+    except Exception as exc:
+        log.warning("torch.compile failed (%s: %s); training uncompiled", type(exc).__name__, exc)
+        return False
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as exc:
+            if oom_kind(exc) is not None:
+                raise
+            log.warning("torch.compile failed (%s: %s); training uncompiled", type(exc).__name__, exc)
+            model.forward = original  # type: ignore[method-assign]
+            return original(*args, **kwargs)
+
+    model.forward = forward  # type: ignore[method-assign]
+    return True
 
 
 class FastCPUDropout(torch.nn.Module):
@@ -415,7 +497,8 @@ def load_trained(data: RecBoleData, checkpoint: Path) -> torch.nn.Module:
 def _resume_fingerprint(config: PipelineConfig) -> str:
     """What a latest.pth must have been written under to be resumed (threads do not matter)."""
     parts = config.model_dump(mode="json", include={"dataset", "model", "training", "evaluation"})
-    parts["training"].pop("threads", None)
+    for knob in ("threads", "compile", "dataloader_workers"):  # speed only, same results
+        parts["training"].pop(knob, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -443,15 +526,21 @@ def train(
     generator = getattr(data.train, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(data.config["seed"])
+    device = data.config["device"]
+    set_tf32(config.training.tf32, device)
     model = build_model(data)
-    if config.training.fast_cpu_dropout and data.config["device"].type == "cpu":
+    if config.training.fast_cpu_dropout and device.type == "cpu":
         use_fast_cpu_dropout(model)
+    if config.training.compile:
+        compile_model(model)
     trainer = make_trainer(
         data,
         model,
         checkpoint,
         grad_accumulation=config.training.grad_accumulation,
         min_micro_batch=config.training.min_micro_batch,
+        amp_dtype=amp_dtype_for(config.training.amp, device),
+        clip_grad_norm=config.training.clip_grad_norm,
     )
     epochs: list[EpochStats] = []
     fingerprint = _resume_fingerprint(config)
@@ -487,6 +576,12 @@ def train(
         )
         last_valid[0] = time.perf_counter()
         epochs.append(stats)
+        tracker.epoch(
+            stats,
+            lr=float(trainer.optimizer.param_groups[0]["lr"]),
+            grad_accumulation=trainer.grad_accumulation,
+            valid_result=trainer.last_valid_result,
+        )
         # Written before anyone hears of the epoch: a crash from here on resumes after it.
         trainer.save_latest(
             latest,
@@ -501,12 +596,27 @@ def train(
         if on_epoch is not None:
             on_epoch(stats)
 
+    track = config.tracking
+    tracker = tracking.RunTracker(
+        run_dir,
+        model_name=str(data.config["model"]),
+        valid_metric=config.evaluation.valid_metric,
+        wandb_enabled=track.wandb,
+        wandb_project=track.wandb_project,
+        wandb_mode=track.wandb_mode,
+        config=config.model_dump(mode="json"),
+        gpu_sample_fn=tracking.cuda_sample_fn(device) if device.type == "cuda" else None,
+        gpu_interval=track.gpu_sample_seconds,
+        plot=track.training_curve,
+    )
     start = time.perf_counter()
+    failed = True
     try:
         if finished:  # the attempt that died had trained every epoch
             best_score = trainer.best_valid_score
         else:
             best_score, _ = trainer.fit(data.train, data.valid, verbose=False, saved=True, callback_fn=callback)
+        failed = False
     except ValueError as exc:
         if "nan" in str(exc).lower():
             raise TrainingError(f"training diverged (loss is NaN); lower training.learning_rate: {exc}") from None
@@ -514,6 +624,12 @@ def train(
     finally:
         torch.autograd.set_detect_anomaly(False)
         trainer.tensorboard.close()
+        best_result = getattr(trainer, "best_valid_result", None) or {}
+        tracker.close(
+            epochs,
+            summary={f"best_valid/{k}": float(v) for k, v in best_result.items()},
+            failed=failed,
+        )
     if not checkpoint.exists():
         raise TrainingError("training finished without saving a checkpoint (no validation epoch ran)")
     latest.unlink(missing_ok=True)  # this attempt finished: nothing to resume
@@ -533,4 +649,9 @@ def train(
         grad_accumulation=trainer.grad_accumulation,
         oom_retries=list(trainer.oom_retries),
         resumed_from_epoch=resumed_from,
+        warning_signs=tracking.warning_signs(
+            epochs, gpu_peak_fraction=tracker.gpu_peak_fraction, model_name=str(data.config["model"]), kl=None
+        ),
+        gpu_peak_fraction=tracker.gpu_peak_fraction,
+        amp=config.training.amp if trainer.amp_dtype is not None else "off",
     )

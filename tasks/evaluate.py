@@ -10,6 +10,7 @@ from core.config import PipelineConfig
 from core.evaluation import evaluate, metrics_table
 from core.records import DatasetSplits, Evaluation, TrainedModel
 from core.registry import Registry
+from core.tracking import log_final_metrics
 from tasks._common import artifact_key
 
 
@@ -31,4 +32,8 @@ def evaluate_task(config: PipelineConfig, splits: DatasetSplits, trained: Traine
     logger.info("test %s: candidate %.4f, Pop %.4f%s", gate.metric, gate.candidate, gate.baseline,
                 f", champion {gate.champion:.4f}" if gate.champion is not None else "")
     logger.info("gate: %s (%s)", verdict, "; ".join(gate.reasons))
+    t = config.tracking
+    if t.wandb and t.wandb_mode != "disabled":
+        log_final_metrics(run_dir, {"test": result.test, "baseline": result.baseline},
+                          project=t.wandb_project, mode=t.wandb_mode)
     return result

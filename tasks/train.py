@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
 from core.records import DatasetSplits, EpochStats, TrainedModel
+from core.tracking import TRAINING_CURVE
 from core.training import train
+
+# A larger PNG is linked by path rather than embedded (artifacts are stored in Prefect's database).
+MAX_EMBEDDED_PNG = 200_000
 from tasks._common import artifact_key
 
 
@@ -39,7 +44,30 @@ def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> 
         key=artifact_key("training-curve", config.registry_name),
         description=f"{trained.model_name}: per-epoch loss, time and valid {trained.valid_metric}",
     )
+    for sign in trained.warning_signs:
+        logger.warning("warning sign: %s", sign)
+    create_markdown_artifact(
+        markdown=tracking_markdown(trained, run_dir),
+        key=artifact_key("training-health", config.registry_name),
+        description=f"{trained.model_name}: early-warning signs and the training curve",
+    )
     logger.info("best epoch %d (%s %.4f), %d parameters, %.1fs on %s", trained.best_epoch + 1,
                 trained.valid_metric, trained.best_valid_score or float("nan"), trained.parameters,
                 trained.seconds, trained.device)
     return trained
+
+
+def tracking_markdown(trained: TrainedModel, run_dir: Path) -> str:
+    """Warning signs (or "none") and the training curve (embedded if small, else its path)."""
+    lines = ["## Warning signs", ""]
+    lines += [f"- {sign}" for sign in trained.warning_signs] or ["none"]
+    png = run_dir / TRAINING_CURVE
+    if png.is_file():
+        lines += ["", "## Training curve", ""]
+        data = png.read_bytes()
+        if len(data) < MAX_EMBEDDED_PNG:
+            lines.append(f"![training curve](data:image/png;base64,{base64.b64encode(data).decode()})")
+        else:
+            lines.append(f"`{png}`")
+    lines += ["", f"Run folder: `{run_dir}` (training_log.jsonl, tensorboard/, wandb/)"]
+    return "\n".join(lines)
