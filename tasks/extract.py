@@ -20,9 +20,14 @@ def _load_secret(block_name: str) -> str:
 
 @task(name="prepare-run", cache_policy=NO_CACHE)
 def prepare_run_task(config: PipelineConfig) -> Path:
-    run_dir = new_run_dir(config.runs_dir)
+    """One folder per flow run, named after it: a retried flow run finds its checkpoints again."""
+    from prefect.runtime import flow_run
+
+    key = f"{flow_run.name}-{str(flow_run.id)[:8]}" if flow_run.id else None
+    run_dir = new_run_dir(config.runs_dir, key)
+    resumed = (run_dir / "checkpoints" / "latest.pth").exists()
     dump_config(config, run_dir / "config.yaml")
-    get_run_logger().info("run folder: %s", run_dir)
+    get_run_logger().info("run folder: %s%s", run_dir, " (retry: will resume training)" if resumed else "")
     return run_dir
 
 

@@ -14,10 +14,11 @@ from core.training import train
 
 # A larger PNG is linked by path rather than embedded (artifacts are stored in Prefect's database).
 MAX_EMBEDDED_PNG = 200_000
-from tasks._common import artifact_key
+from tasks._common import artifact_key, retry_unless_user_error
 
 
-@task(name="train", cache_policy=NO_CACHE)
+# A retry (e.g. after a worker hiccup) resumes from checkpoints/latest.pth in the same run folder.
+@task(name="train", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> TrainedModel:
     logger = get_run_logger()
     total = config.training.epochs
