@@ -7,6 +7,7 @@ from typing import Protocol
 
 import polars as pl
 
+from core.config import ColumnsConfig
 from core.errors import DataSourceError
 from core.records import ITEM, RATING, TIME, USER
 
@@ -53,6 +54,19 @@ def canonicalise(
     return frame.select(exprs)
 
 
+def canonicalise_columns(frame: pl.LazyFrame, columns: ColumnsConfig, *, origin: str) -> pl.LazyFrame:
+    """``canonicalise`` with the configured column mapping."""
+    return canonicalise(
+        frame,
+        user=columns.user,
+        item=columns.item,
+        time=columns.time,
+        rating=columns.rating,
+        extra=columns.extra,
+        origin=origin,
+    )
+
+
 def in_window(frame: pl.LazyFrame, since: datetime | None, until: datetime | None) -> pl.LazyFrame:
     """Rows with since <= timestamp < until (naive datetimes mean UTC)."""
     if since is not None:
@@ -94,4 +108,4 @@ _AWARE = tuple(
 _NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 
 
-__all__ = ["ITEM", "RATING", "TIME", "USER", "Source", "canonicalise", "in_window"]
+__all__ = ["ITEM", "RATING", "TIME", "USER", "Source", "canonicalise", "canonicalise_columns", "in_window"]

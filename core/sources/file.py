@@ -9,7 +9,7 @@ import polars as pl
 
 from core.config import ColumnsConfig, SourceConfig
 from core.errors import DataSourceError
-from core.sources.base import canonicalise, in_window
+from core.sources.base import canonicalise_columns, in_window
 
 _PARQUET_MAGIC = b"PAR1"
 
@@ -64,15 +64,7 @@ class FileSource:
                         f"{self.path}: found one column {only[:60]!r}; the file looks {sep!r}-separated "
                         f"(use --separator, or source.separator in the config)"
                     )
-        canonical = canonicalise(
-            frame,
-            user=self.columns.user,
-            item=self.columns.item,
-            time=self.columns.time,
-            rating=self.columns.rating,
-            extra=self.columns.extra,
-            origin=str(self.path),
-        )
+        canonical = canonicalise_columns(frame, self.columns, origin=str(self.path))
         return in_window(canonical, self.since, self.source.until)
 
 

@@ -33,7 +33,7 @@ from polars.io.plugins import register_io_source
 
 from core.config import ColumnsConfig, SourceConfig
 from core.errors import DataSourceError
-from core.sources.base import canonicalise, in_window
+from core.sources.base import canonicalise_columns, in_window
 
 CONNECT_TIMEOUT_S = 15
 
@@ -107,15 +107,7 @@ class PostgresSource:
                 frame = frame.select(with_columns)
             yield frame if n_rows is None else frame.head(n_rows)
 
-        canonical = canonicalise(
-            register_io_source(rows, schema=schema),
-            user=self.columns.user,
-            item=self.columns.item,
-            time=self.columns.time,
-            rating=self.columns.rating,
-            extra=self.columns.extra,
-            origin=self.name,
-        )
+        canonical = canonicalise_columns(register_io_source(rows, schema=schema), self.columns, origin=self.name)
         # The window is already applied in SQL when the time column is a timestamp; this keeps
         # text/epoch time columns (filtered here only) to the same half-open semantics.
         return in_window(canonical, self.since, self.until)

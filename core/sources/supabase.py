@@ -28,7 +28,7 @@ import polars as pl
 
 from core.config import ColumnsConfig, SourceConfig
 from core.errors import DataSourceError
-from core.sources.base import canonicalise, in_window
+from core.sources.base import canonicalise_columns, in_window
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +221,7 @@ class SupabaseSource:
                 series.append(pl.Series(col, [None if v is None else str(v) for v in values], dtype=pl.String))
             else:
                 series.append(pl.Series(col, values, strict=False))
-        canonical = canonicalise(
-            pl.DataFrame(series).lazy(),
-            user=self.columns.user,
-            item=self.columns.item,
-            time=self.columns.time,
-            rating=self.columns.rating,
-            extra=self.columns.extra,
-            origin=self.name,
-        )
+        canonical = canonicalise_columns(pl.DataFrame(series).lazy(), self.columns, origin=self.name)
         return in_window(canonical, self.since, self.until)
 
 
