@@ -157,7 +157,7 @@ def recbole_config_dict(
         "log_wandb": False,
         "save_dataset": False,
         "save_dataloaders": False,
-        "worker": 0,
+        "worker": t.dataloader_workers,
     }
     out.update(config.model.params)
     if _model_loss_type(config.model.name, config.model.params) == "CE":

@@ -92,9 +92,17 @@ def _to_utc(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
         return col.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
     if isinstance(dtype, pl.Date):
         return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    # Strings: per-row parsing so a column may mix offsets ("+02:00", "Z") and naive values
-    # (naive means UTC). Unparseable values become null; validation names them.
-    text = col.cast(pl.String).str.strip_chars().str.replace(r"[Zz]$", "+00:00")
+    # Strings: per-row parsing so a column may mix offsets ("+02:00", "Z", "+0200") and naive
+    # values (naive means UTC). Unparseable values become null; validation names them.
+    # Normalising first (one "T" separator, "+hh:mm" offsets) keeps the formats tried per row
+    # to five: polars evaluates every one of them on every row.
+    text = (
+        col.cast(pl.String)
+        .str.strip_chars()
+        .str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T")
+        .str.replace(r"[Zz]$", "+00:00")
+        .str.replace(r"([+-]\d{2})(\d{2})$", "${1}:${2}")
+    )
     parsed = [text.str.to_datetime(f, time_zone="UTC", strict=False, time_unit="us") for f in _AWARE]
     parsed += [text.str.to_datetime(f, strict=False, time_unit="us").dt.replace_time_zone("UTC") for f in _NAIVE]
     numeric = text.cast(pl.Float64, strict=False)
@@ -102,10 +110,8 @@ def _to_utc(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return pl.coalesce(parsed)
 
 
-_AWARE = tuple(
-    f"%Y-%m-%d{sep}%H:%M{sec}{tz}" for sep in ("T", " ") for sec in (":%S%.f", "") for tz in ("%:z", "%z")
-)
-_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d")
+_AWARE = ("%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M%:z")
+_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 
 
 __all__ = ["ITEM", "RATING", "TIME", "USER", "Source", "canonicalise", "canonicalise_columns", "in_window"]
