@@ -213,10 +213,11 @@ def _print_result(result: Any) -> None:
     gate = result.gate
     verdict = "[green]PROMOTED[/green]" if result.status == "promoted" else "[yellow]REJECTED[/yellow]"
     console.print(f"gate on {gate.metric}: {verdict}")
+    # Plain echo: rich would wrap long paths and versions mid-token.
     for reason in gate.reasons:
-        console.print(f"  - {reason}")
-    console.print(f"registered {result.model_version} in {result.registry}; champion: {result.champion}")
-    console.print(f"run folder: {result.run_dir}")
+        typer.echo(f"  - {reason}")
+    typer.echo(f"registered {result.model_version} in {result.registry}; champion: {result.champion}")
+    typer.echo(f"run folder: {result.run_dir}")
 
 
 def _write_summary(path: Optional[Path], summary: dict[str, Any]) -> None:
