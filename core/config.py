@@ -67,6 +67,11 @@ class ColumnsConfig(_Strict):
     rating: str | None = None
     extra: list[str] = Field(default_factory=list)
 
+    def source_columns(self) -> list[str]:
+        """The source's columns to read: mapped ones, then extras, without repeats."""
+        cols = [self.user, self.item, self.time, *([self.rating] if self.rating else []), *self.extra]
+        return list(dict.fromkeys(cols))
+
 
 QUESTION_ATTEMPTS_COLUMNS: dict[str, Any] = {
     "user": "user_id",

@@ -79,7 +79,7 @@ class PostgresSource:
         So ``scan().collect_schema()`` is a cheap preflight."""
         uri, scrub = self._connection()
         types = self._catalog(uri, scrub)
-        wanted = self._wanted_columns()
+        wanted = self.columns.source_columns()
         missing = [c for c in wanted if c not in types]
         if missing:
             raise DataSourceError(
@@ -135,13 +135,6 @@ class PostgresSource:
                 f"SQLAlchemy URLs (postgresql+driver://) are not supported"
             )
         return dsn
-
-    def _wanted_columns(self) -> list[str]:
-        cols = [self.columns.user, self.columns.item, self.columns.time]
-        if self.columns.rating is not None:
-            cols.append(self.columns.rating)
-        cols += list(self.columns.extra)
-        return list(dict.fromkeys(cols))
 
     def _catalog(self, uri: str, scrub: Callable[[str], str]) -> dict[str, str]:
         frame = self._read(_CATALOG_SQL, uri, scrub, params=[_qualified(self.table)])

@@ -108,15 +108,8 @@ class SupabaseSource:
             )
         return key
 
-    def _wanted_columns(self) -> list[str]:
-        cols = [self.columns.user, self.columns.item, self.columns.time]
-        if self.columns.rating is not None:
-            cols.append(self.columns.rating)
-        cols += list(self.columns.extra)
-        return list(dict.fromkeys(cols))
-
     def _fetch_all(self, client: Any, key: str) -> list[dict[str, Any]]:
-        select = ",".join(_select_item(c) for c in self._wanted_columns())
+        select = ",".join(_select_item(c) for c in self.columns.source_columns())
         order = list(dict.fromkeys([self.columns.time, self.columns.user, self.columns.item]))
         rows: list[dict[str, Any]] = []
         total: int | None = None
@@ -215,7 +208,7 @@ class SupabaseSource:
     def _frame(self, rows: list[dict[str, Any]]) -> pl.LazyFrame:
         text_cols = {self.columns.user, self.columns.item, self.columns.time}
         series = []
-        for col in self._wanted_columns():
+        for col in self.columns.source_columns():
             values = [row.get(col) for row in rows]
             if col in text_cols:
                 series.append(pl.Series(col, [None if v is None else str(v) for v in values], dtype=pl.String))

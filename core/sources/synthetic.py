@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from core.config import SourceConfig
+from core.config import QUESTION_ATTEMPTS_COLUMNS, SourceConfig
 from core.errors import ConfigError
 from core.sources.base import canonicalise, in_window
 
@@ -49,7 +49,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
 }
 MIN_ATTEMPTS, MAX_ATTEMPTS = 15, 60
 DEFAULT_START = datetime(2024, 1, 1, tzinfo=timezone.utc)
-EXTRA_COLUMNS = ("is_correct", "response_time_seconds", "difficulty_level", "topic", "subtopic")
+EXTRA_COLUMNS = tuple(QUESTION_ATTEMPTS_COLUMNS["extra"])
 SCHEMA = pl.Schema(
     {
         "user_id": pl.String,
