@@ -53,7 +53,8 @@ class _HideUserErrorTracebacks(logging.Filter):
         msg = record.getMessage() if record.args else str(record.msg)
         if "Traceback (most recent call last)" in msg and any(
             name in msg for name in ("DataValidationError", "DataSourceError", "ConfigError", "ModelNotFoundError",
-                                     "PipelineFailed", "ExportError", "TrainingError", "RegistryError")
+                                     "PipelineFailed", "ExportError", "TrainingError", "RegistryError",
+                                     "ShippingError", "HostKeyError", "ShippingAuthError", "ShippingConnectionError")
         ):
             record.msg = msg.split("\n", 1)[0]
             record.args = None
@@ -89,6 +90,7 @@ def run(
     store_dir: Annotated[Optional[Path], typer.Option("--store-dir", help="snapshot store (incremental)")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="any RecBole model name, e.g. SASRec, BPR")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
+    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="train batch rows, or 'auto' (largest that fits the GPU)")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto|cpu|cuda|mps")] = None,
     registry: Annotated[Optional[Path], typer.Option("--registry", help="model registry folder")] = None,
     runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="where run folders go")] = None,
@@ -105,6 +107,7 @@ def run(
         "source.separator": separator,
         "model.name": model,
         "training.epochs": epochs,
+        "training.train_batch_size": batch_size,  # validated (int or 'auto') by the config
         "training.device": device,
         "registry.path": registry,
         "runs_dir": runs_dir,
@@ -131,6 +134,9 @@ def run(
             _use_dsn_flag(dsn, dsn_env or "RECFLOW_PG_DSN")
         cfg = load_config(config, overrides)
         cfg.model.name = canonical_model_name(cfg.model.name)
+        from core.dataset import check_rating_setup
+
+        check_rating_setup(cfg)  # evaluation.task=rating with a model that only ranks: say so before any work
         summary["registry"] = str(cfg.registry.path.resolve())
         summary["stage"] = "extract"
         from core.extract import preflight
@@ -181,6 +187,7 @@ def _run_pipeline(cfg: Any, summary: dict[str, Any]) -> int:
             registry=str(result.registry),
             champion=result.champion,
             run_dir=str(result.run_dir),
+            shipped=result.shipped,
         )
         _print_result(result)
         return 0
@@ -203,10 +210,13 @@ def _print_result(result: Any) -> None:
 
     console = Console()
     test, base = result.metrics.get("test", {}), result.metrics.get("baseline", {})
-    table = Table(title="test metrics (full ranking)")
+    from core.config import VALUE_METRIC_NAMES
+
+    rating = result.gate.metric in VALUE_METRIC_NAMES  # RMSE/MAE: the rating task
+    table = Table(title="test metrics (rating, original scale)" if rating else "test metrics (full ranking)")
     table.add_column("metric")
     table.add_column("candidate", justify="right")
-    table.add_column("Pop baseline", justify="right")
+    table.add_column("train-mean baseline" if rating else "Pop baseline", justify="right")
     for key, value in test.items():
         table.add_row(key, f"{value:.4f}", f"{base.get(key, float('nan')):.4f}")
     console.print(table)
@@ -217,6 +227,8 @@ def _print_result(result: Any) -> None:
     for reason in gate.reasons:
         typer.echo(f"  - {reason}")
     typer.echo(f"registered {result.model_version} in {result.registry}; champion: {result.champion}")
+    if result.shipped:
+        typer.echo(f"shipped {result.shipped} to the production host (its champion now)")
     typer.echo(f"run folder: {result.run_dir}")
 
 
@@ -247,7 +259,12 @@ def recommend(
         chosen = version or reg.champion_version(name)
         if chosen is None:
             _fail(f"{name} has no champion in {registry} (versions: {', '.join(reg.versions(name)) or 'none'})")
-        scorer = OnnxScorer(reg.entry(name) / str(chosen))
+        version_dir = reg.entry(name) / str(chosen)
+        if (version_dir / "model_card.json").is_file() and not (version_dir / "model.onnx").is_file():
+            # Registered without ONNX (ItemKNN, EASE, rating models): the card says why.
+            reason = reg.card(name, str(chosen)).get("export", {}).get("reason") or "not exported"
+            _fail(f"{name} {chosen} has no ONNX model to score with: {reason}")
+        scorer = OnnxScorer(version_dir)
         history = [i.strip() for i in (items or "").split(",") if i.strip()]
         recs = scorer.recommend(history, k, user=user, exclude_seen=not include_seen)
     except (RecflowError, KeyError) as exc:
@@ -256,6 +273,56 @@ def recommend(
     typer.echo(f"{name} {chosen}:")
     for rank, rec in enumerate(recs, 1):
         typer.echo(f"{rank:>3}  {rec.item:<20} {rec.score:.4f}")
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option("--model", help="registry entry to serve (default: the only one)")] = None,
+    registry: Annotated[Path, typer.Option("--registry", help="model registry folder")] = Path("registry"),
+    host: Annotated[str, typer.Option("--host", help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="worker processes (about one per core)")] = 1,
+    poll_seconds: Annotated[float, typer.Option("--poll-seconds", min=0.0, help="how often to look for a new champion (0: never)")] = 2.0,
+    max_history: Annotated[Optional[int], typer.Option("--max-history", min=1, help="longest accepted history (default 10 x max_seq_length)")] = None,
+    allow_unverified: Annotated[bool, typer.Option("--allow-unverified", help="serve versions that have no checksums.json")] = False,
+) -> None:
+    """Serve the champion over HTTP: POST /recommendations, GET /healthz, docs at /docs; hot-swaps new champions."""
+    import uvicorn
+
+    from core.errors import RecflowError
+    from core.serving import app as serving
+
+    if not registry.is_dir():
+        _fail(f"no registry folder {registry} (pass --registry DIR)")
+    if model is None:
+        entries = serving.list_entries(registry)
+        if len(entries) != 1:
+            _fail(f"pass --model: {registry} holds {len(entries)} entries ({', '.join(entries) or 'none'})")
+        model = entries[0]
+    try:
+        # Loaded (and checksum-verified) here, before any port is bound, so a bad champion is one line.
+        web = serving.create_app(registry, model, poll_seconds=poll_seconds, allow_unverified=allow_unverified,
+                                 max_history=max_history)
+    except RecflowError as exc:
+        _fail(str(exc))
+        return
+    served = web.state.watcher.current
+    typer.echo(f"serving {model} {served.version} on http://{host}:{port} (docs: /docs, health: /healthz)", err=True)
+    log_config = {**uvicorn.config.LOGGING_CONFIG}
+    log_config["loggers"] = {**log_config["loggers"],
+                             "recflow.serving": {"handlers": ["default"], "level": "INFO", "propagate": False}}
+    common: dict[str, Any] = {"host": host, "port": port, "access_log": False, "log_config": log_config}
+    if workers == 1:
+        serving.tune_gc_for_serving()
+        uvicorn.run(web, **common)
+        return
+    # Each worker process builds its own app from these settings (uvicorn imports the factory).
+    del web
+    os.environ |= {serving.ENV_REGISTRY: str(registry.resolve()), serving.ENV_MODEL: model,
+                   serving.ENV_POLL: str(poll_seconds), serving.ENV_ALLOW_UNVERIFIED: "1" if allow_unverified else "0"}
+    if max_history is not None:
+        os.environ[serving.ENV_MAX_HISTORY] = str(max_history)
+    uvicorn.run("core.serving.app:app_from_env", factory=True, workers=workers, **common)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Data utilities.")
@@ -274,6 +341,194 @@ def data_synth(
     rows = write_synthetic(users, out, seed=seed)
     typer.echo(f"wrote {rows} question attempts by {users} learners to {out}")
     typer.echo(f"train on it: recflow run --config configs/question-attempts.yaml --data {out}")
+
+
+@app.command()
+def deploy(
+    api_url: Annotated[Optional[str], typer.Option("--api-url", help="Prefect API, e.g. http://gpu-host:4200/api (default: PREFECT_API_URL)")] = None,
+    pool: Annotated[str, typer.Option("--pool", help="process work pool on the GPU host")] = "gpu",
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML preset both deployments default to")] = None,
+    cron: Annotated[str, typer.Option("--cron", help="nightly schedule")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option("--timezone", help="IANA zone of --cron, e.g. Europe/Berlin")] = "UTC",
+    gpu: Annotated[str, typer.Option("--gpu", help="CUDA_VISIBLE_DEVICES for the runs, e.g. 0 or 0,1")] = "0",
+    project_dir: Annotated[Optional[Path], typer.Option("--project-dir", help="recflow checkout on the worker host (default: this checkout)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override KEY=VALUE, e.g. training.epochs=5 (repeatable)")] = None,
+) -> None:
+    """Create or update the `gpu` work pool and the training-pipeline/nightly and /adhoc deployments."""
+    import yaml
+
+    from core.errors import RecflowError
+    from deployments.deploy import CHECKOUT, DeploySettings, deploy as run_deploy
+
+    if api_url is None:
+        from prefect.settings import PREFECT_API_URL
+
+        api_url = PREFECT_API_URL.value()
+    if not api_url:
+        _fail("no Prefect server: pass --api-url http://HOST:4200/api or set PREFECT_API_URL")
+        return
+    overrides: dict[str, Any] = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--set {item!r} must look like KEY=VALUE, e.g. training.epochs=5")
+        overrides[key.strip()] = yaml.safe_load(value)
+    settings = DeploySettings(api_url=api_url, pool=pool, config_path=config, cron=cron, timezone=timezone,
+                              gpu=gpu, project_dir=project_dir or CHECKOUT, overrides=overrides)
+    try:
+        result = run_deploy(settings)
+    except RecflowError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"work pool {result.pool!r} ({'created' if result.pool_created else 'updated'}; process, concurrency 1) "
+               f"at {result.api_url}")
+    for name, dep_id in result.deployments.items():
+        typer.echo(f"deployment training-pipeline/{name}: {dep_id}")
+    typer.echo(f"nightly: '{cron}' ({timezone}); runs from {result.project_dir} on the worker host")
+    typer.echo(f"start a worker on the GPU host: PREFECT_API_URL={result.api_url} prefect worker start --pool {result.pool}")
+
+
+# --- the production host (SFTP; core/shipping/sftp.py) -----------------------------------------
+# Target settings come from --config's `shipping:` section, each overridable by a flag. Exit 2:
+# a mistake found before connecting (config, local registry, key); exit 1: the host step failed.
+_ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML with a `shipping:` section")]
+_HostOpt = Annotated[Optional[str], typer.Option("--host", help="production host (shipping.host)")]
+_PortOpt = Annotated[Optional[int], typer.Option("--port", min=1, max=65535, help="SSH port (shipping.port)")]
+_UserOpt = Annotated[Optional[str], typer.Option("--user", help="SSH user (shipping.username)")]
+_DirOpt = Annotated[Optional[str], typer.Option("--remote-dir", help="absolute directory on the host")]
+_KnownOpt = Annotated[Optional[Path], typer.Option("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")]
+_KeyEnvOpt = Annotated[Optional[str], typer.Option("--key-env", help="env var holding the key file path or text")]
+
+
+def _shipping_target(config: Optional[Path], registry: Optional[Path], flags: dict[str, Any]) -> tuple[Any, Any]:
+    """(PipelineConfig, paramiko key) or exit 2 naming what is missing."""
+    import logging as _logging
+
+    from core.config import load_config
+    from core.errors import RecflowError
+    from core.shipping import load_private_key
+
+    # paramiko logs transport errors with tracebacks on its own; our errors say it in one line.
+    _logging.getLogger("paramiko").setLevel(_logging.CRITICAL)
+    ship_log = _logging.getLogger("recflow.shipping")
+    if not ship_log.handlers:
+        handler = _logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_logging.Formatter("%(message)s"))
+        ship_log.addHandler(handler)
+        ship_log.setLevel(_logging.INFO)
+    overrides = {f"shipping.{k}": v for k, v in flags.items()} | {"registry.path": registry}
+    try:
+        cfg = load_config(config, overrides)
+        missing = [f"--{flag} (shipping.{field})" for flag, field in
+                   (("host", "host"), ("user", "username"), ("remote-dir", "remote_dir"))
+                   if not getattr(cfg.shipping, field)]
+        if missing:
+            _fail(f"no production host configured: set {', '.join(missing)}")
+        key = load_private_key(cfg.shipping, secret_loader=_prefect_secret if cfg.shipping.key_secret_block else None)
+    except RecflowError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+    return cfg, key
+
+
+def _prefect_secret(block_name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    return str(Secret.load(block_name).get())
+
+
+def _target_flags(host: Optional[str], port: Optional[int], user: Optional[str], remote_dir: Optional[str],
+                  known_hosts: Optional[Path], key_env: Optional[str]) -> dict[str, Any]:
+    return {"host": host, "port": port, "username": user, "remote_dir": remote_dir, "known_hosts": known_hosts,
+            "key_env": key_env}
+
+
+@app.command()
+def ship(
+    name: Annotated[str, typer.Argument(help="registry entry, e.g. ml-100k-sasrec")],
+    version: Annotated[Optional[str], typer.Option("--version", help="default: the local champion")] = None,
+    registry: Annotated[Optional[Path], typer.Option("--registry", help="local model registry folder")] = None,
+    config: _ConfigOpt = None, host: _HostOpt = None, port: _PortOpt = None, user: _UserOpt = None,
+    remote_dir: _DirOpt = None, known_hosts: _KnownOpt = None, key_env: _KeyEnvOpt = None,
+) -> None:
+    """Ship a registered version (the local champion by default) to the production host as its champion."""
+    from core.errors import RecflowError, ShippingError
+    from core.registry import Registry
+    from core.shipping import ship_version
+
+    cfg, key = _shipping_target(config, registry, _target_flags(host, port, user, remote_dir, known_hosts, key_env))
+    try:
+        reg = Registry(cfg.registry.path)
+        chosen = version or reg.champion_version(name)
+    except RecflowError as exc:
+        _fail(str(exc))
+        return
+    if chosen is None:
+        _fail(f"{name} has no champion in {cfg.registry.path} (versions: {', '.join(reg.versions(name)) or 'none'}); "
+              f"pass --version")
+        return
+    if not (reg.entry(name) / chosen).is_dir():
+        _fail(f"version {chosen} of {name} is not in {cfg.registry.path} "
+              f"(versions: {', '.join(reg.versions(name)) or 'none'})")
+        return
+    try:
+        result = ship_version(reg.entry(name) / chosen, name, chosen, cfg.shipping, pkey=key)
+    except ShippingError as exc:
+        _fail(str(exc), 1)
+        return
+    sent = f"{result.bytes / 1e6:.1f} MB sent" if result.uploaded else "already there, verified"
+    typer.echo(f"shipped {name} {chosen} to {result.host}:{result.model_dir} ({result.files} files, {sent}, "
+               f"SHA-256 checked on the host)")
+    typer.echo(f"host champion: {result.champion} (was {result.previous_champion or 'none'})")
+    if result.pruned or result.stale_removed:
+        typer.echo(f"removed: {', '.join(result.pruned + result.stale_removed)}")
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="registry entry, e.g. ml-100k-sasrec")],
+    to: Annotated[Optional[str], typer.Option("--to", help="version to serve (default: the previous champion)")] = None,
+    config: _ConfigOpt = None, host: _HostOpt = None, port: _PortOpt = None, user: _UserOpt = None,
+    remote_dir: _DirOpt = None, known_hosts: _KnownOpt = None, key_env: _KeyEnvOpt = None,
+) -> None:
+    """Point the production host's champion back at the previous (or a given) shipped version."""
+    from core.errors import ShippingError
+    from core.shipping import rollback as remote_rollback
+
+    cfg, key = _shipping_target(config, None, _target_flags(host, port, user, remote_dir, known_hosts, key_env))
+    try:
+        result = remote_rollback(name, cfg.shipping, to_version=to, pkey=key)
+    except ShippingError as exc:
+        _fail(str(exc), 1)
+        return
+    if result.changed:
+        typer.echo(f"{name} on {result.host}: champion {result.previous_champion or 'none'} -> {result.champion}")
+    else:
+        typer.echo(f"{name} on {result.host}: champion is already {result.champion}; nothing changed")
+
+
+@app.command("remote-status")
+def remote_status_cmd(
+    name: Annotated[str, typer.Argument(help="registry entry, e.g. ml-100k-sasrec")],
+    config: _ConfigOpt = None, host: _HostOpt = None, port: _PortOpt = None, user: _UserOpt = None,
+    remote_dir: _DirOpt = None, known_hosts: _KnownOpt = None, key_env: _KeyEnvOpt = None,
+) -> None:
+    """List the versions on the production host, oldest first; '*' marks its champion."""
+    from core.errors import ShippingError
+    from core.shipping import remote_status
+
+    cfg, key = _shipping_target(config, None, _target_flags(host, port, user, remote_dir, known_hosts, key_env))
+    try:
+        status = remote_status(name, cfg.shipping, pkey=key)
+    except ShippingError as exc:
+        _fail(str(exc), 1)
+        return
+    typer.echo(f"{name} on {status.host}:{status.model_dir}; champion: {status.champion or 'none'}")
+    for v in status.versions:
+        mark = "*" if v.version == status.champion else " "
+        typer.echo(f"{mark} {v.version:<28} {v.shipped_at or '?':<34} {v.files:>3} files {v.bytes / 1e6:8.1f} MB")
+    for name_ in status.incoming:
+        typer.echo(f"  {name_} (unfinished upload; the next ship removes it)")
 
 
 @app.command()

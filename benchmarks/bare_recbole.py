@@ -171,8 +171,9 @@ def _metric(result: dict[str, Any], name: str) -> float:
     return round(float(result[name.lower()]), 6)
 
 
-def run_bare(epochs: int, threads: int | None) -> dict[str, Any]:
-    """RecBole's documented path, step by step (as recbole.quick_start.run_recbole does it)."""
+def fit_bare(model_name: str, config_dict: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    """RecBole's documented path, step by step (as recbole.quick_start.run_recbole does it), up to
+    ``trainer.fit``. Also used by ``benchmarks/training.py`` for other models and configs."""
     t_start = time.perf_counter()
     import torch
 
@@ -185,7 +186,7 @@ def run_bare(epochs: int, threads: int | None) -> dict[str, Any]:
     t_imported = time.perf_counter()
     # RecBole's Config also parses sys.argv ("--key=value"); this script's own flags are not for it.
     sys.argv = sys.argv[:1]
-    config = Config(model="SASRec", dataset="ml-100k", config_dict=bare_config_dict(epochs))
+    config = Config(model=model_name, dataset="ml-100k", config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     dataset = create_dataset(config)
@@ -197,14 +198,16 @@ def run_bare(epochs: int, threads: int | None) -> dict[str, Any]:
 
     # Measurement only: time each _train_epoch call, as recflow's trainer does for itself.
     epoch_seconds: list[float] = []
+    epoch_cpu_seconds: list[float] = []  # the process's CPU time (all threads): less sensitive to contention
     anomaly: list[bool] = []
     original = trainer._train_epoch
 
     def timed_train_epoch(*args: Any, **kwargs: Any) -> Any:
         anomaly.append(torch.is_anomaly_enabled())
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = original(*args, **kwargs)
         epoch_seconds.append(time.perf_counter() - t0)
+        epoch_cpu_seconds.append(time.process_time() - c0)
         return loss
 
     trainer._train_epoch = timed_train_epoch
@@ -212,6 +215,24 @@ def run_bare(epochs: int, threads: int | None) -> dict[str, Any]:
         train_data, valid_data, saved=True, show_progress=config["show_progress"]
     )
     t_fit = time.perf_counter()
+    return {
+        "config": config, "dataset": dataset, "train": train_data, "valid": valid_data, "test": test_data,
+        "model": model, "trainer": trainer, "epoch_seconds": epoch_seconds, "epoch_cpu_seconds": epoch_cpu_seconds,
+        "anomaly": anomaly,
+        "best_valid_result": best_valid_result,
+        "t": {"start": t_start, "imported": t_imported, "data": t_data, "fit": t_fit},
+    }
+
+
+def run_bare(epochs: int, threads: int | None) -> dict[str, Any]:
+    """Bare RecBole's SASRec (``fit_bare``), then the test evaluation of its best checkpoint."""
+    import torch
+
+    fitted = fit_bare("SASRec", bare_config_dict(epochs), threads)
+    config, model, trainer = fitted["config"], fitted["model"], fitted["trainer"]
+    train_data, valid_data, test_data, dataset = fitted["train"], fitted["valid"], fitted["test"], fitted["dataset"]
+    epoch_seconds, anomaly, best_valid_result = fitted["epoch_seconds"], fitted["anomaly"], fitted["best_valid_result"]
+    t_start, t_imported, t_data, t_fit = (fitted["t"][k] for k in ("start", "imported", "data", "fit"))
 
     # The one unavoidable patch (torch >= 2.6): load the best checkpoint with weights_only=False,
     # then evaluate without RecBole reloading it (its torch.load would refuse the pickled Config).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,8 @@ from core.errors import ConfigError
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 METRIC_NAMES = ("Recall", "MRR", "NDCG", "Hit", "Precision")
+# Value metrics of the rating task (RecBole's names); lower is better.
+VALUE_METRIC_NAMES = ("RMSE", "MAE")
 
 
 class _Strict(BaseModel):
@@ -140,7 +142,17 @@ class TrainingConfig(_Strict):
     # Defaults sized for the default run (SASRec, ml-100k, 2-core CPU, a few minutes):
     # a higher learning rate than RecBole's 0.001 beats Pop after the first epoch.
     epochs: int = Field(default=2, ge=1)
-    train_batch_size: int = Field(default=1024, ge=1)
+    train_batch_size: int | Literal["auto"] = Field(
+        default=1024,
+        description="rows per optimizer step, or 'auto': on a GPU, probe the largest batch that fits with "
+        "auto_batch_headroom spare (core/batch_finder.py); on CPU, 1024",
+    )
+    auto_batch_headroom: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="train_batch_size=auto: fraction of GPU memory left unused"
+    )
+    auto_batch_max: int | None = Field(
+        default=None, ge=1, description="train_batch_size=auto: the largest batch to try; default: no limit"
+    )
     eval_batch_size: int = Field(default=4096, ge=1)
     learning_rate: float = Field(default=0.003, gt=0)
     device: Device = "auto"
@@ -175,26 +187,94 @@ class TrainingConfig(_Strict):
         default=0, ge=0, description="worker processes loading batches (RecBole's `worker`); 0: in the main process"
     )
 
+    # train_batch_size=auto on CPU (nothing to probe), and what RecBole's loaders are built with
+    # until the batch finder has chosen (core/batch_finder.py).
+    AUTO_BATCH_DEFAULT: ClassVar[int] = 1024
+
+    @property
+    def initial_train_batch_size(self) -> int:
+        return self.AUTO_BATCH_DEFAULT if self.train_batch_size == "auto" else self.train_batch_size
+
+    @field_validator("train_batch_size", mode="before")
+    @classmethod
+    def _batch_or_auto(cls, v: Any) -> Any:
+        # One clear message instead of pydantic's two (one per member of the union).
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v.strip())
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"must be a positive integer or 'auto', got {v!r}")
+        return v
+
 
 class EvaluationConfig(_Strict):
+    task: Literal["ranking", "rating"] = Field(
+        default="ranking",
+        description="ranking: full-ranking top-k metrics vs a Pop baseline (higher wins); rating: RMSE/MAE of "
+        "predicted ratings on the original scale vs the train mean rating (lower wins; needs a rating column). "
+        "Unset: rating when metrics are all RMSE/MAE, else ranking",
+    )
     metrics: list[str] = Field(default_factory=lambda: list(METRIC_NAMES))
     topk: list[int] = Field(default_factory=lambda: [5, 10, 20])
     valid_metric: str = Field(default="NDCG@10", description="picks the best epoch")
     gate_metric: str = Field(default="NDCG@10", description="decides promotion")
     min_improvement: float = Field(
-        default=0.0, ge=0, description="candidate must exceed Pop and champion by more than this"
+        default=0.0, ge=0, description="candidate must beat the baseline and champion by more than this"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        # The task is resolved here so the dumped config always names it; a rating preset only
+        # needs `task: rating` (or `metrics: [RMSE, MAE]`), the rest follows.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        metrics = data.get("metrics")
+        if data.get("task") is None:
+            value_only = isinstance(metrics, list) and bool(metrics) and all(m in VALUE_METRIC_NAMES for m in metrics)
+            data["task"] = "rating" if value_only else "ranking"
+        if data["task"] == "rating":
+            data.setdefault("metrics", list(VALUE_METRIC_NAMES))
+            data.setdefault("valid_metric", "RMSE")
+            data.setdefault("gate_metric", "RMSE")
+        return data
 
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in METRIC_NAMES]
+        unknown = [m for m in v if m not in METRIC_NAMES and m not in VALUE_METRIC_NAMES]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
+            raise ValueError(
+                f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)} (ranking) "
+                f"or {list(VALUE_METRIC_NAMES)} (rating)"
+            )
         return v
 
     @model_validator(mode="after")
     def _metric_is_computed(self) -> "EvaluationConfig":
+        if self.task == "rating":
+            ranking = [m for m in self.metrics if m not in VALUE_METRIC_NAMES]
+            if ranking:
+                raise ValueError(
+                    f"evaluation.task 'rating' computes {list(VALUE_METRIC_NAMES)} only; "
+                    f"remove the ranking metric(s) {ranking} from evaluation.metrics"
+                )
+            for field in ("valid_metric", "gate_metric"):
+                value = getattr(self, field)
+                if value not in self.metrics:
+                    raise ValueError(
+                        f"evaluation.{field} '{value}' must be one of the computed rating metrics "
+                        f"({', '.join(self.metrics)}), e.g. RMSE"
+                    )
+            return self
+        values = [m for m in self.metrics if m in VALUE_METRIC_NAMES]
+        if values:
+            raise ValueError(
+                f"evaluation.metrics {values} are rating metrics: set evaluation.task: rating "
+                f"(and list only {list(VALUE_METRIC_NAMES)}), or drop them for ranking"
+            )
         for field in ("valid_metric", "gate_metric"):
             value = getattr(self, field)
             name, _, k = value.partition("@")
@@ -234,6 +314,77 @@ class TrackingConfig(_Strict):
     training_curve: bool = Field(default=True, description="draw <run>/training_curve.png")
 
 
+NotifyEvent = Literal["failure", "promotion", "rejection"]
+
+
+class NotifyConfig(_Strict):
+    """Webhook notifications (Discord/Slack-style JSON POST) sent by the flow's hooks (core/notify.py).
+
+    The webhook URL is a secret (it alone authorises posting), so it is never in the config: it is
+    read from the environment variable ``webhook_env`` or, when that is unset, from the Prefect
+    Secret block ``secret_block``. No URL configured: nothing is sent.
+    """
+
+    webhook_env: str = Field(default="RECFLOW_WEBHOOK_URL", description="env var holding the webhook URL")
+    secret_block: str | None = Field(
+        default=None, description="Prefect Secret block holding the webhook URL; used when webhook_env is unset"
+    )
+    # Named `events`, not `on`: YAML 1.1 reads a bare `on:` key as the boolean true.
+    events: list[NotifyEvent] = Field(
+        default_factory=lambda: ["failure", "promotion"], description="which run outcomes post a message"
+    )
+    format: Literal["discord", "slack", "generic"] = Field(
+        default="generic", description="discord: {content}; slack: {text}; generic: both plus structured fields"
+    )
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60, description="POST timeout; a slow webhook never blocks a run")
+
+
+class ShippingConfig(_Strict):
+    """Ship the champion to a production host over SFTP (core/shipping/sftp.py).
+
+    Key authentication only, strict host-key checking against ``known_hosts`` (unknown hosts
+    are refused, never added). The private key is never in the config: ``key_env`` names an
+    environment variable holding a key FILE path or the key text, or ``key_secret_block``
+    names a Prefect Secret block holding either.
+    """
+
+    enabled: bool = Field(default=False, description="ship each promoted version after deploy")
+    host: str | None = Field(default=None, description="production host name or IP")
+    port: int = Field(default=22, ge=1, le=65535, description="SSH port")
+    username: str | None = Field(default=None, description="SSH login user on the host")
+    remote_dir: str | None = Field(
+        default=None, description="absolute directory on the host; versions go to <remote_dir>/<model>/<version>/"
+    )
+    known_hosts: Path = Field(
+        default=Path("~/.ssh/known_hosts"), description="known_hosts file the host's key must already be in"
+    )
+    key_env: str = Field(
+        default="RECFLOW_SSH_KEY", description="env var holding the private key file path, or the key text itself"
+    )
+    passphrase_env: str = Field(
+        default="RECFLOW_SSH_KEY_PASSPHRASE", description="env var holding the key's passphrase (if encrypted)"
+    )
+    key_secret_block: str | None = Field(
+        default=None, description="Prefect Secret block holding the key (text or file path); used when key_env is unset"
+    )
+    keep_versions: int = Field(
+        default=5, ge=1, description="versions kept on the host (the champion and the previous one are always kept)"
+    )
+    connect_timeout: float = Field(default=15.0, gt=0, description="seconds for TCP connect, banner and auth")
+
+    @model_validator(mode="after")
+    def _needs_target(self) -> "ShippingConfig":
+        if self.enabled:
+            missing = [f"shipping.{name}" for name in ("host", "username", "remote_dir") if not getattr(self, name)]
+            if missing:
+                raise ValueError(f"shipping is enabled but {', '.join(missing)} is not set")
+        if self.remote_dir is not None and not self.remote_dir.startswith("/"):
+            raise ValueError(f"shipping.remote_dir must be an absolute path on the host, got {self.remote_dir!r}")
+        if self.remote_dir is not None and "\n" in self.remote_dir:
+            raise ValueError("shipping.remote_dir must not contain a newline")
+        return self
+
+
 class PipelineConfig(_Strict):
     """Everything a run needs. Defaults: SASRec on the MovieLens-100k copy in RecBole's wheel."""
 
@@ -250,6 +401,8 @@ class PipelineConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    shipping: ShippingConfig = Field(default_factory=ShippingConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     @model_validator(mode="after")
     def _question_attempts_columns(self) -> "PipelineConfig":
@@ -258,6 +411,20 @@ class PipelineConfig(_Strict):
         if self.source.kind in ("postgres", "supabase", "synthetic"):
             explicit = self.columns.model_dump(include=self.columns.model_fields_set)
             self.columns = ColumnsConfig(**{**QUESTION_ATTEMPTS_COLUMNS, **explicit})
+        return self
+
+    @model_validator(mode="after")
+    def _rating_task_needs_ratings(self) -> "PipelineConfig":
+        # Caught here, before any work: a rating model trained on a source without ratings.
+        if self.evaluation.task != "rating":
+            return self
+        if self.source.kind == "synthetic":
+            raise ValueError("evaluation.task 'rating' needs a rating column; the synthetic source has none")
+        if self.source.kind != "ml-100k" and not self.columns.rating:
+            raise ValueError(
+                f"evaluation.task 'rating' needs a rating column: name it with columns.rating (--rating-col); "
+                f"the {self.source.kind} source maps none"
+            )
         return self
 
     @property

@@ -23,7 +23,7 @@ import yaml
 from core import recbole_compat as rb
 from core.config import PipelineConfig
 from core.devices import resolve_device
-from core.errors import DataValidationError
+from core.errors import ConfigError, DataValidationError
 from core.records import ITEM, RATING, TIME, USER, DatasetSplits, Snapshot
 from core.recbole_compat import _PANDAS_NA_STRINGS, load_inter_sidecar, recbole_fast_paths  # noqa: F401  (re-exported)
 
@@ -39,13 +39,17 @@ class RecBoleData:
     train: Any
     valid: Any
     test: Any
+    # evaluation.task=rating: the (min, max) rating the label was scaled to [0, 1] from.
+    rating_scale: tuple[float, float] | None = None
 
 
 def eval_protocol(config: PipelineConfig) -> str:
     """A stable id of what makes test metrics comparable: split and filters."""
     d = config.dataset
     split = "loo" if d.split == "loo" else "ratio:" + ",".join(f"{r:g}" for r in d.ratios)
-    return f"{split}|min_user={d.min_user_interactions}|min_item={d.min_item_interactions}"
+    protocol = f"{split}|min_user={d.min_user_interactions}|min_item={d.min_item_interactions}"
+    # Rating metrics never compare with ranking ones (ranking ids stay as they were).
+    return protocol + "|task=rating" if config.evaluation.task == "rating" else protocol
 
 
 def write_atomic_files(snapshot: Snapshot, data_dir: Path) -> Path:
@@ -143,7 +147,7 @@ def recbole_config_dict(
         "valid_metric": e.valid_metric,
         "metric_decimal_place": 6,
         "epochs": t.epochs,
-        "train_batch_size": t.train_batch_size,
+        "train_batch_size": t.initial_train_batch_size,  # "auto" is resolved by core/batch_finder.py
         "eval_batch_size": t.eval_batch_size,
         "learning_rate": t.learning_rate,
         "stopping_step": t.early_stopping_patience,
@@ -155,6 +159,12 @@ def recbole_config_dict(
         "save_dataloaders": False,
         "worker": t.dataloader_workers,
     }
+    if e.task == "rating":
+        # Pointwise training on the rating itself (scaled to [0, 1] in load_recbole_data, no negative
+        # sampling) and "labeled" evaluation: RecBole predicts each held-out (user, item) pair.
+        out["LABEL_FIELD"] = RATING
+        out["train_neg_sample_args"] = None
+        out["eval_args"]["mode"] = "labeled"
     out.update(config.model.params)
     if _model_loss_type(config.model.name, config.model.params) == "CE":
         out["train_neg_sample_args"] = None
@@ -186,6 +196,7 @@ def load_recbole_data(
     init_seed(rb_config["seed"], rb_config["reproducibility"])
     try:
         dataset = rb.create_dataset(rb_config)
+        rating_scale = _scale_ratings(dataset) if run_config.evaluation.task == "rating" else None
         train, valid, test = rb.data_preparation(rb_config, dataset)
     except (ValueError, IndexError) as exc:
         d = config.dataset
@@ -193,10 +204,49 @@ def load_recbole_data(
             f"cannot build train/valid/test from this data ({exc}); check dataset.min_user_interactions "
             f"({d.min_user_interactions}) and dataset.min_item_interactions ({d.min_item_interactions})"
         ) from None
-    data = RecBoleData(rb_config, dataset, train, valid, test)
+    data = RecBoleData(rb_config, dataset, train, valid, test, rating_scale)
     _CACHE.clear()  # one run's data at a time keeps memory flat in long-lived workers
     _CACHE[key] = data
     return data
+
+
+def _scale_ratings(dataset: Any) -> tuple[float, float]:
+    """Min-max scale the rating label to [0, 1] in place (before the split); returns (min, max).
+
+    RecBole's pointwise models train a sigmoid output with BCE, so the label must lie in [0, 1];
+    evaluation maps predictions back with (min, max) to report RMSE/MAE on the original scale.
+    """
+    values = dataset.inter_feat[RATING].to_numpy(dtype=np.float64)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise DataValidationError("evaluation.task 'rating' needs a numeric rating on every interaction")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        raise DataValidationError(f"evaluation.task 'rating': every rating is {lo:g}, nothing to predict")
+    dataset.inter_feat[RATING] = ((values - lo) / (hi - lo)).astype(np.float32)
+    return lo, hi
+
+
+def check_rating_setup(config: PipelineConfig, has_rating: bool | None = None) -> None:
+    """evaluation.task=rating needs ratings in the data and a model that predicts a label per (user, item).
+
+    ``has_rating`` None: the data is not read yet (the CLI's preflight); only the model is checked.
+    """
+    if config.evaluation.task != "rating":
+        return
+    if has_rating is False:
+        raise DataValidationError(
+            "evaluation.task 'rating' needs a rating column, and this data has none (set columns.rating)"
+        )
+    from recbole.utils import InputType, ModelType
+
+    cls = rb.resolve_model(config.model.name)
+    kind, input_type = getattr(cls, "type", None), getattr(cls, "input_type", None)
+    if kind not in (ModelType.CONTEXT, ModelType.GENERAL) or input_type != InputType.POINTWISE:
+        raise ConfigError(
+            f"evaluation.task 'rating' needs a model that predicts a rating per (user, item) pair, e.g. FM, "
+            f"DeepFM or NeuMF; {config.model.name} is a {str(getattr(kind, 'name', 'other')).lower()} model "
+            f"trained to rank items"
+        )
 
 
 def _has_rating_column(splits: DatasetSplits) -> bool:
@@ -208,6 +258,7 @@ def _has_rating_column(splits: DatasetSplits) -> bool:
 def build_dataset(snapshot: Snapshot, config: PipelineConfig, run_dir: Path) -> DatasetSplits:
     """Write the atomic files and build the split once, to count what training will see."""
     rb.resolve_model(config.model.name)  # fail fast on an unknown model name, before any work
+    check_rating_setup(config, snapshot.has_rating)
     data_dir = run_dir / DATA_SUBDIR
     write_atomic_files(snapshot, data_dir)
     splits = DatasetSplits(

@@ -43,6 +43,30 @@ class RegistryError(RecflowError):
     """The model registry is unreadable or in an inconsistent state."""
 
 
+class ChecksumError(RegistryError):
+    """A registered file does not match the sha256 in its version's ``checksums.json`` (or has none)."""
+
+
+class ServingError(RecflowError):
+    """The model cannot be served (no champion, not exportable, wrong registry entry)."""
+
+
+class ShippingError(RecflowError):
+    """Shipping a version to (or rolling back on) the production host failed; production unchanged."""
+
+
+class HostKeyError(ShippingError):
+    """The host's SSH key is not in known_hosts, or differs from it: refused, never auto-added."""
+
+
+class ShippingAuthError(ShippingError):
+    """The host refused the SSH key, or the key cannot be read (missing, encrypted, malformed)."""
+
+
+class ShippingConnectionError(ShippingError):
+    """The connection failed or dropped (transient): the flow's ship task retries only these."""
+
+
 class PipelineFailed(RecflowError):
     """Raised by the flow when a step fails; names the step."""
 

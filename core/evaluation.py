@@ -1,25 +1,35 @@
-"""evaluate: full-ranking metrics for the candidate, a popularity baseline and the gate.
+"""evaluate: metrics for the candidate, a baseline and the gate.
 
-Metrics come from RecBole's own evaluator on the same split, so they match what
-RecBole reports. The candidate is compared with the champion only when the
-champion's metrics were measured on the same data under the same protocol.
+Ranking (``evaluation.task: ranking``, the default): full-ranking metrics from RecBole's own
+evaluator on the same split, so they match what RecBole reports; the baseline is Pop.
+
+Rating (``evaluation.task: rating``): RMSE and MAE of the predicted rating for every held-out
+(user, item) pair, on the original rating scale; the baseline predicts the mean training
+rating; lower wins.
+
+The candidate is compared with the champion only when the champion's metrics were measured
+on the same data under the same protocol.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from core import recbole_compat as rb
 from core.config import PipelineConfig
 from core.dataset import RecBoleData, load_recbole_data
-from core.records import DatasetSplits, Evaluation, GateDecision, TrainedModel
+from core.errors import DataValidationError
+from core.records import RATING, DatasetSplits, Evaluation, GateDecision, TrainedModel
 from core.training import load_trained, make_trainer
 
 METRICS_FILE = "metrics.json"
+BASELINE_NAMES = {"ranking": "Pop baseline", "rating": "train-mean baseline"}
 
 
 def _as_floats(result: dict[str, Any] | None) -> dict[str, float]:
@@ -55,6 +65,54 @@ def popularity_baseline(data: RecBoleData, checkpoint_dir: Path) -> dict[str, fl
     return test
 
 
+def _errors_to_metrics(errors: np.ndarray) -> dict[str, float]:
+    if errors.size == 0:
+        raise DataValidationError("evaluation.task 'rating': no held-out ratings to evaluate on")
+    return {"rmse": round(math.sqrt(float(np.mean(errors**2))), 6), "mae": round(float(np.mean(np.abs(errors))), 6)}
+
+
+def _rating_predictions(data: RecBoleData, model: torch.nn.Module | None, loader: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, true) ratings on the original scale for every pair in ``loader``.
+
+    ``model`` None predicts nothing (an empty array); the labels are still returned.
+    """
+    assert data.rating_scale is not None, "rating data must be loaded with evaluation.task=rating"
+    lo, hi = data.rating_scale
+    predicted: list[np.ndarray] = []
+    true: list[np.ndarray] = []
+    device = data.config["device"]
+    with torch.no_grad():
+        for batch in loader:
+            interaction = batch[0] if isinstance(batch, tuple) else batch
+            true.append(interaction[RATING].double().cpu().numpy())
+            if model is not None:
+                predicted.append(model.predict(interaction.to(device)).double().cpu().numpy().reshape(-1))
+    # The label was scaled to [0, 1] with (lo, hi) (core.dataset._scale_ratings): map both back.
+    span = hi - lo
+    pred = np.concatenate(predicted) * span + lo if predicted else np.empty(0)
+    return pred, np.concatenate(true) * span + lo if true else np.empty(0)
+
+
+def rating_metrics(data: RecBoleData, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, float]]:
+    """(valid, test) RMSE/MAE of ``model``'s predicted ratings on the original scale."""
+    model.eval()
+    out = []
+    for loader in (data.valid, data.test):
+        pred, true = _rating_predictions(data, model, loader)
+        out.append(_errors_to_metrics(pred - true))
+    return out[0], out[1]
+
+
+def mean_rating_baseline(data: RecBoleData) -> dict[str, float]:
+    """Test RMSE/MAE of predicting the mean training rating for every pair."""
+    assert data.rating_scale is not None, "rating data must be loaded with evaluation.task=rating"
+    lo, hi = data.rating_scale
+    train_labels = data.train.dataset.inter_feat[RATING].double().cpu().numpy()
+    mean = float(np.mean(train_labels)) * (hi - lo) + lo
+    _, true = _rating_predictions(data, None, data.test)
+    return _errors_to_metrics(mean - true)
+
+
 def comparable(card: dict[str, Any] | None, splits: DatasetSplits) -> bool:
     """A champion's metrics count only if measured on the same data and protocol."""
     if not card:
@@ -71,8 +129,17 @@ def decide(
     champion: dict[str, float] | None = None,
     champion_version: str | None = None,
     min_improvement: float = 0.0,
+    lower_is_better: bool = False,
+    baseline_name: str = "Pop baseline",
 ) -> GateDecision:
-    """Promote only if the candidate beats Pop and the (comparable) champion on ``metric``."""
+    """Promote only if the candidate beats the baseline and the (comparable) champion on ``metric``.
+
+    ``lower_is_better`` (RMSE, MAE): beating means being lower by more than ``min_improvement``.
+    """
+    if lower_is_better:
+        return _decide_lower(metric=metric, candidate=candidate, baseline=baseline, champion=champion,
+                             champion_version=champion_version, min_improvement=min_improvement,
+                             baseline_name=baseline_name)
     key = metric.lower()
     cand = candidate.get(key)
     base = baseline.get(key)
@@ -107,6 +174,44 @@ def decide(
     )
 
 
+def _decide_lower(
+    *,
+    metric: str,
+    candidate: dict[str, float],
+    baseline: dict[str, float],
+    champion: dict[str, float] | None,
+    champion_version: str | None,
+    min_improvement: float,
+    baseline_name: str,
+) -> GateDecision:
+    key = metric.lower()
+    cand, base = candidate.get(key), baseline.get(key)
+    if cand is None or base is None:
+        raise KeyError(f"gate metric {metric} missing from evaluation results")
+    reasons: list[str] = []
+    promote = True
+    if cand < base - min_improvement:
+        reasons.append(f"beats {baseline_name} on {metric} (lower is better): {cand:.4f} < {base:.4f}")
+    else:
+        promote = False
+        reasons.append(
+            f"does not beat {baseline_name} on {metric} (lower is better): {cand:.4f} >= {base:.4f} - {min_improvement:g}"
+        )
+    champ = champion.get(key) if champion else None
+    if champ is None:
+        reasons.append("no comparable champion" if champion_version is None else
+                       f"champion {champion_version} was evaluated on other data; compared with the baseline only")
+    elif cand < champ - min_improvement:
+        reasons.append(f"beats champion {champion_version} on {metric}: {cand:.4f} < {champ:.4f}")
+    else:
+        promote = False
+        reasons.append(
+            f"does not beat champion {champion_version} on {metric}: {cand:.4f} >= {champ:.4f} - {min_improvement:g}"
+        )
+    return GateDecision(promote=promote, metric=metric, candidate=cand, baseline=base, champion=champ,
+                        champion_version=champion_version, reasons=reasons)
+
+
 def evaluate(
     config: PipelineConfig,
     splits: DatasetSplits,
@@ -117,8 +222,13 @@ def evaluate(
     checkpoint_dir = trained.checkpoint.parent
     data = load_recbole_data(config, splits, checkpoint_dir)
     model = load_trained(data, trained.checkpoint)
-    valid, test = ranking_metrics(data, model, trained.checkpoint)
-    baseline = popularity_baseline(data, checkpoint_dir)
+    rating = config.evaluation.task == "rating"
+    if rating:
+        valid, test = rating_metrics(data, model)
+        baseline = mean_rating_baseline(data)
+    else:
+        valid, test = ranking_metrics(data, model, trained.checkpoint)
+        baseline = popularity_baseline(data, checkpoint_dir)
     champion_version = champion_card.get("version") if champion_card else None
     champion_metrics = champion_card.get("metrics", {}).get("test") if comparable(champion_card, splits) else None
     gate = decide(
@@ -128,19 +238,26 @@ def evaluate(
         champion=champion_metrics,
         champion_version=champion_version,
         min_improvement=config.evaluation.min_improvement,
+        lower_is_better=rating,
+        baseline_name=BASELINE_NAMES[config.evaluation.task],
     )
     path = run_dir / METRICS_FILE
     result = Evaluation(
-        test=test, valid=valid, baseline=baseline, champion=champion_metrics, gate=gate, metrics_path=path
+        test=test, valid=valid, baseline=baseline, champion=champion_metrics, gate=gate, metrics_path=path,
+        task=config.evaluation.task,
     )
     path.write_text(json.dumps(result.model_dump(mode="json", exclude={"metrics_path"}), indent=2))
     return result
 
 
 def metrics_table(evaluation: Evaluation) -> list[dict[str, Any]]:
-    """Rows (metric, candidate, Pop, champion) for printing and for a Prefect table artifact."""
+    """Rows (metric, candidate, baseline, champion) for printing and for a Prefect table artifact.
+
+    The baseline column is ``pop`` for ranking, ``train_mean`` for rating.
+    """
+    column = "pop" if evaluation.task == "ranking" else "train_mean"
     rows = []
     for key, value in evaluation.test.items():
         champ = evaluation.champion.get(key) if evaluation.champion else None
-        rows.append({"metric": key, "candidate": value, "pop": evaluation.baseline.get(key), "champion": champ})
+        rows.append({"metric": key, "candidate": value, column: evaluation.baseline.get(key), "champion": champ})
     return rows

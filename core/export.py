@@ -4,6 +4,12 @@ Inputs: ``item_seq`` [B, L] int64 + ``item_seq_len`` [B] int64 for sequential mo
 ``user_id`` [B] int64 otherwise. Output: ``scores`` [B, n_items] over all internal item
 ids; column 0 is RecBole's padding id and must be masked by the consumer (the scorer
 in ``core.serving`` does).
+
+Not every model is exported (the step still succeeds, the card's ``export`` says why and the
+registry keeps the checkpoint): RecBole's traditional models (ItemKNN, EASE, ...) score
+through scipy/numpy matrices outside torch, which a trace would freeze into constants of
+the example batch; rating models (``evaluation.task: rating``) predict one (user, item)
+pair, there is no "score every item" input to serve.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +60,46 @@ class _UserScorer(torch.nn.Module):
 
 def is_sequential(model: torch.nn.Module) -> bool:
     return hasattr(model, "ITEM_SEQ") and hasattr(model, "ITEM_SEQ_LEN")
+
+
+def not_exportable_reason(config: PipelineConfig, model: torch.nn.Module, model_name: str) -> str | None:
+    """Why ``model`` is not exported to ONNX by design, or None when it should be."""
+    from recbole.utils import ModelType
+
+    if config.evaluation.task == "rating":
+        return (f"{model_name} is a rating-prediction model: it predicts one (user, item) pair's rating, it does "
+                "not score every item from an input, so there is no ONNX scorer to serve; the registry keeps "
+                "its checkpoint (best.pth)")
+    if getattr(model, "type", None) == ModelType.TRADITIONAL:
+        return (f"{model_name} is a RecBole traditional model: it scores through scipy/numpy matrices outside "
+                "torch, which ONNX tracing would freeze into constants of the example batch; the registry "
+                "keeps its checkpoint (best.pth), serve it with RecBole")
+    return None
+
+
+def _append_mask_token(mask_token: int, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+    """BERT4Rec's ``reconstruct_test_data`` without its Python loop over the batch (which a trace
+    would unroll for the example's batch size): the mask token goes after each sequence's last item."""
+    pad = torch.zeros_like(item_seq[:, :1])
+    seq = torch.cat((item_seq, pad), dim=-1)
+    seq = seq.scatter(1, item_seq_len.view(-1, 1).long(), torch.full_like(pad, mask_token))
+    return seq[:, 1:]
+
+
+@contextmanager
+def _traceable(model: torch.nn.Module) -> Iterator[None]:
+    """Swap per-row Python loops in a model's predict path for batched tensor ops while tracing.
+
+    Parity is then checked against the model's own (unswapped) code on real test users.
+    """
+    if hasattr(model, "reconstruct_test_data") and hasattr(model, "mask_token"):  # BERT4Rec
+        model.reconstruct_test_data = partial(_append_mask_token, int(model.mask_token))  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del model.reconstruct_test_data
+    else:
+        yield
 
 
 def _test_inputs(data: RecBoleData, model: torch.nn.Module, limit: int) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
@@ -111,25 +160,30 @@ def export_model(
     card_path = out_dir / "model_card.json"
     if not config.export.enabled:
         return ExportedModel(exported=False, reason="export disabled in config", card_path=card_path), {}
+    by_design = not_exportable_reason(config, model, trained.model_name)
+    if by_design is not None:
+        (out_dir / MODEL_FILE).unlink(missing_ok=True)  # a retried export must not leave an older graph behind
+        return ExportedModel(exported=False, reason=by_design, card_path=card_path), {}
     sequential = is_sequential(model)
     wrapper = (_SequentialScorer(model) if sequential else _UserScorer(model)).eval()
     inputs, history = _test_inputs(data, model, config.export.parity_users)
     onnx_path = out_dir / MODEL_FILE
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _traceable(model):
             wrapper(*[torch.from_numpy(v[:2]) for v in inputs.values()])
             _export_graph(wrapper, inputs, onnx_path, config.export.opset)
     except Exception as exc:  # noqa: BLE001 - any exporter failure means "not exportable"
-        onnx_path.unlink(missing_ok=True)
-        reason = f"{trained.model_name} is not ONNX-exportable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        return ExportedModel(exported=False, reason=reason, card_path=card_path), {"reason": reason}
+        return _not_exportable(trained, onnx_path, card_path, "is not ONNX-exportable", exc)
 
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        expected = wrapper(*[torch.from_numpy(v) for v in inputs.values()]).numpy()
-    got = session.run(["scores"], inputs)[0]
+        expected = wrapper(*[torch.from_numpy(v) for v in inputs.values()]).numpy()  # the model's own code
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        got = session.run(["scores"], inputs)[0]
+    except Exception as exc:  # noqa: BLE001 - e.g. a graph traced with the example's batch size baked in
+        return _not_exportable(trained, onnx_path, card_path, "was traced but its ONNX graph does not run", exc)
     max_diff = float(np.max(np.abs(expected - got)))
     agree = _top10_agreement(expected, got, history)
     latency = _latency_ms(session, {k: v[:1] for k, v in inputs.items()})
@@ -163,6 +217,14 @@ def export_model(
         "users": record.users_checked, "max_abs_diff": max_diff, "top10_identical": agree, "tolerance": tol},
         "size_bytes": record.size_bytes, "latency_ms_p50_batch1_cpu": latency}
     return record, section
+
+
+def _not_exportable(
+    trained: TrainedModel, onnx_path: Path, card_path: Path, what: str, exc: BaseException
+) -> tuple[ExportedModel, dict[str, Any]]:
+    onnx_path.unlink(missing_ok=True)
+    reason = f"{trained.model_name} {what}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return ExportedModel(exported=False, reason=reason, card_path=card_path), {"reason": reason}
 
 
 def _top10_agreement(expected: np.ndarray, got: np.ndarray, history: list[np.ndarray]) -> float:

@@ -58,17 +58,28 @@ def build_card(
             "micro_batch_size": trained.micro_batch_size,
             "grad_accumulation": trained.grad_accumulation,
             "oom_retries": trained.oom_retries,
+            "auto_batch": trained.auto_batch.model_dump(mode="json") if trained.auto_batch is not None else None,
             "resumed_from_epoch": trained.resumed_from_epoch,
             "parameters": trained.parameters,
             "seconds": trained.seconds,
             "epochs": [e.model_dump() for e in trained.epochs],
         },
-        "metrics": {"test": evaluation.test, "valid": evaluation.valid, "baseline_pop": evaluation.baseline},
+        "metrics": _metrics_section(evaluation),
         "gate": evaluation.gate.model_dump(),
-        "export": {"exported": exported.exported, "reason": exported.reason, **export_section},
+        # onnx false: no model.onnx in the version; `reason` says why (the checkpoint is still registered).
+        "export": {"exported": exported.exported, "onnx": exported.onnx_path is not None and exported.exported,
+                   "reason": exported.reason, **export_section},
         "config": config.model_dump(mode="json"),
         "libraries": library_versions(),
     }
+
+
+def _metrics_section(evaluation: Evaluation) -> dict[str, Any]:
+    if evaluation.task == "rating":
+        # RMSE/MAE on the original rating scale; the baseline predicts the mean training rating.
+        return {"task": "rating", "test": evaluation.test, "valid": evaluation.valid,
+                "baseline_train_mean": evaluation.baseline}
+    return {"test": evaluation.test, "valid": evaluation.valid, "baseline_pop": evaluation.baseline}
 
 
 def write_card(card: dict[str, Any], path: Path) -> Path:

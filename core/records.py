@@ -78,6 +78,28 @@ class EpochStats(BaseModel):
     valid_seconds: float | None = None
 
 
+class BatchProbe(BaseModel):
+    """One try of the batch finder: a real training step at ``batch`` rows."""
+
+    batch: int
+    outcome: Literal["fits", "oom", "over budget"]
+    peak_bytes: int | None = Field(default=None, description="peak device memory of the step; None after an OOM")
+
+
+class AutoBatch(BaseModel):
+    """How ``training.train_batch_size: auto`` was resolved (core/batch_finder.py)."""
+
+    batch: int
+    method: Literal["probed", "default", "resumed"] = Field(
+        description="probed: searched on the GPU; default: nothing to probe (CPU, or a trainer with its own "
+        "loop); resumed: the batch of the crashed attempt, from checkpoints/latest.pth"
+    )
+    reason: str
+    device: str
+    budget_bytes: int | None = Field(default=None, description="(1 - headroom) x the device memory available")
+    probes: list[BatchProbe] = Field(default_factory=list, description="every try, in order")
+
+
 class TrainedModel(BaseModel):
     model_name: str
     checkpoint: Path
@@ -108,6 +130,9 @@ class TrainedModel(BaseModel):
         default=None, description="CUDA: peak fraction of GPU memory used (sampled); None elsewhere"
     )
     amp: str = Field(default="off", description="mixed precision actually used: off, bf16 or fp16")
+    auto_batch: AutoBatch | None = Field(
+        default=None, description="train_batch_size=auto: the batch chosen and how; None: the batch was configured"
+    )
 
 
 class GateDecision(BaseModel):
@@ -127,6 +152,9 @@ class Evaluation(BaseModel):
     champion: dict[str, float] | None = None
     gate: GateDecision
     metrics_path: Path
+    task: Literal["ranking", "rating"] = Field(
+        default="ranking", description="ranking: top-k metrics vs Pop; rating: RMSE/MAE vs the train mean rating"
+    )
 
 
 class ExportedModel(BaseModel):
@@ -160,3 +188,6 @@ class PipelineResult(BaseModel):
     model_version: str | None = None
     registry: Path | None = None
     champion: str | None = None
+    shipped: str | None = Field(
+        default=None, description="version shipped to the production host as its champion (shipping.enabled)"
+    )

@@ -29,6 +29,7 @@ from core.records import EpochStats
 TRAINING_LOG = "training_log.jsonl"
 TRAINING_CURVE = "training_curve.png"
 GPU_USAGE = "gpu_usage.csv"
+AUTO_BATCH = "auto_batch.json"
 WANDB_DIR = "wandb"
 VAE_MODELS = frozenset({"MultiVAE", "MacridVAE", "RecVAE"})
 GPU_COLUMNS = ("seconds", "utilization", "memory_allocated", "max_memory_reserved", "memory_free", "memory_total")
@@ -329,6 +330,17 @@ class RunTracker:
             except Exception as exc:
                 log.warning("W&B log failed: %s", exc)
             self.wandb_seconds += time.perf_counter() - t
+
+    def auto_batch(self, choice: Mapping[str, Any]) -> None:
+        """train_batch_size=auto: the batch chosen and the probes, in ``auto_batch.json`` and W&B."""
+        (self.run_dir / AUTO_BATCH).write_text(json.dumps(dict(choice), indent=2))
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.summary["auto_batch/batch"] = choice["batch"]
+                self.wandb_run.summary["auto_batch/method"] = choice["method"]
+                self.wandb_run.summary["auto_batch/probes"] = len(choice.get("probes") or [])
+            except Exception as exc:
+                log.warning("W&B summary failed: %s", exc)
 
     @property
     def gpu_peak_fraction(self) -> float | None:

@@ -561,6 +561,11 @@ def train(
                 resumed_from,
                 latest,
             )
+    from core import batch_finder  # here: it imports this module
+
+    auto_batch = batch_finder.prepare_train_batch(
+        config.training, data, model, trainer, prior=state.get("auto_batch") if resumed_from is not None else None
+    )
     last_valid = [time.perf_counter()]
 
     def callback(epoch_idx: int, valid_score: float) -> None:
@@ -591,6 +596,7 @@ def train(
                 "fingerprint": fingerprint,
                 "epochs": [e.model_dump() for e in epochs],
                 "stopped": trainer.cur_step > trainer.stopping_step,
+                "auto_batch": auto_batch.model_dump(mode="json") if auto_batch is not None else None,
             },
         )
         if on_epoch is not None:
@@ -609,6 +615,8 @@ def train(
         gpu_interval=track.gpu_sample_seconds,
         plot=track.training_curve,
     )
+    if auto_batch is not None:
+        tracker.auto_batch(auto_batch.model_dump(mode="json"))
     start = time.perf_counter()
     failed = True
     try:
@@ -650,8 +658,12 @@ def train(
         oom_retries=list(trainer.oom_retries),
         resumed_from_epoch=resumed_from,
         warning_signs=tracking.warning_signs(
-            epochs, gpu_peak_fraction=tracker.gpu_peak_fraction, model_name=str(data.config["model"]), kl=None
+            # The signs read "higher valid score is better": flip RMSE/MAE (rating task) so they hold.
+            epochs if data.config["valid_metric_bigger"] else
+            [e.model_copy(update={"valid_score": -e.valid_score if e.valid_score is not None else None}) for e in epochs],
+            gpu_peak_fraction=tracker.gpu_peak_fraction, model_name=str(data.config["model"]), kl=None
         ),
         gpu_peak_fraction=tracker.gpu_peak_fraction,
         amp=config.training.amp if trainer.amp_dtype is not None else "off",
+        auto_batch=auto_batch,
     )

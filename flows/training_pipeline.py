@@ -8,6 +8,8 @@ Run it ad hoc from Python::
 
 A failing step raises ``PipelineFailed`` naming the step; the champion is never touched
 unless the gate passed and the new version is complete in the registry.
+With ``shipping.enabled`` a promoted version is then shipped to the production host
+(``ship`` step, core/shipping/sftp.py); a rejected run ships nothing.
 """
 
 from __future__ import annotations
@@ -17,17 +19,26 @@ from prefect import flow
 
 from core.config import PipelineConfig
 from core.records import PipelineResult
+from flows._hooks import notify_on_completion, notify_on_failure
 from flows._stages import stage
 from tasks.build import build_task
-from tasks.deploy import deploy_task
+from tasks.deploy import deploy_task, promote_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.extract import commit_snapshot_task, extract_task, prepare_run_task
+from tasks.ship import ship_task
 from tasks.train import train_task
 from tasks.validate import validate_task
 
 
-@flow(name="training-pipeline", log_prints=True)
+# Hooks post the outcome to the configured webhook (config.notify); they never change it.
+@flow(
+    name="training-pipeline",
+    log_prints=True,
+    on_completion=[notify_on_completion],
+    on_failure=[notify_on_failure],
+    on_crashed=[notify_on_failure],
+)
 def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:  # noqa: B008
     with stage("extract"):
         run_dir = prepare_run_task(config)
@@ -43,8 +54,16 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResu
         evaluation = evaluate_task(config, splits, trained, run_dir)
     with stage("export", run_dir):
         exported = export_task(config, snapshot, splits, trained, evaluation, run_dir)
+    ship = config.shipping.enabled and evaluation.gate.promote
     with stage("deploy", run_dir):
-        promotion = deploy_task(config, trained, evaluation, exported, run_dir)
+        # When shipping, the local champion moves only once the production host has the version.
+        promotion = deploy_task(config, trained, evaluation, exported, run_dir, promote=evaluation.gate.promote and not ship)
+    shipped: str | None = None
+    # Only a version that passed the gate leaves this machine; a rejected run leaves production as it was.
+    if ship:
+        with stage("ship", run_dir):
+            shipped = ship_task(config, promotion).version
+            promotion = promote_task(config, promotion)
     return PipelineResult(
         status="promoted" if promotion.promoted else "rejected",
         stage="deploy",
@@ -54,4 +73,5 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResu
         model_version=promotion.version,
         registry=promotion.registry,
         champion=promotion.champion,
+        shipped=shipped,
     )

@@ -18,17 +18,28 @@ def deploy_task(
     evaluation: Evaluation,
     exported: ExportedModel,
     run_dir: Path,
+    promote: bool | None = None,
 ) -> Promotion:
+    """Register the version; switch the champion if ``promote`` (default: the gate's decision)."""
     logger = get_run_logger()
+    promote = evaluation.gate.promote if promote is None else promote
     export_dir = exported.card_path.parent
     files = [p for p in sorted(export_dir.iterdir()) if p.is_file() and p.name != exported.card_path.name]
     files += [evaluation.metrics_path, run_dir / "config.yaml", trained.checkpoint]
     registry = Registry(config.registry.path)
     card = json.loads(exported.card_path.read_text())
-    promotion = registry.publish(config.registry_name, registry.new_version(), files, card, evaluation.gate.promote)
+    promotion = registry.publish(config.registry_name, registry.new_version(), files, card, promote)
     if promotion.promoted:
         logger.info("registered %s/%s and promoted it to champion", promotion.model_name, promotion.version)
     else:
         logger.info("registered %s/%s; champion unchanged (%s)", promotion.model_name, promotion.version,
                     promotion.champion or "none yet")
     return promotion
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(config: PipelineConfig, promotion: Promotion) -> Promotion:
+    """Switch the local champion to a version registered (and shipped) earlier in this run."""
+    promoted = Registry(config.registry.path).promote(promotion.model_name, promotion.version)
+    get_run_logger().info("promoted %s/%s to champion", promoted.model_name, promoted.version)
+    return promoted

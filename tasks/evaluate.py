@@ -7,11 +7,32 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
-from core.evaluation import evaluate, metrics_table
-from core.records import DatasetSplits, Evaluation, TrainedModel
+from core.evaluation import BASELINE_NAMES, evaluate, metrics_table
+from core.records import DatasetSplits, Evaluation, GateDecision, TrainedModel
 from core.registry import Registry
 from core.tracking import log_final_metrics
 from tasks._common import artifact_key
+
+
+def gate_markdown(gate: GateDecision, min_improvement: float, baseline_name: str = "Pop baseline") -> str:
+    """The gate artifact: the decision, the gate metric for candidate vs champion vs Pop, the reasons."""
+    verdict = "PROMOTE" if gate.promote else "REJECT"
+    champion = ("none comparable" if gate.champion is None
+                else f"{gate.champion:.4f} ({gate.champion_version})")
+    return "\n".join([
+        f"## Gate: {verdict}",
+        "",
+        f"| {gate.metric} (test) | value |",
+        "| --- | --- |",
+        f"| candidate | {gate.candidate:.4f} |",
+        f"| champion | {champion} |",
+        f"| {baseline_name} | {gate.baseline:.4f} |",
+        f"| required margin | {min_improvement:g} |",
+        "",
+        "**Reasons**",
+        "",
+        *(f"- {r}" for r in gate.reasons),
+    ])
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -20,16 +41,18 @@ def evaluate_task(config: PipelineConfig, splits: DatasetSplits, trained: Traine
     champion_card = Registry(config.registry.path).champion_card(config.registry_name)
     result = evaluate(config, splits, trained, run_dir, champion_card)
     key = artifact_key(config.registry_name)
+    baseline_name = BASELINE_NAMES[result.task]  # "Pop baseline" (ranking) or "train-mean baseline" (rating)
     create_table_artifact(table=metrics_table(result), key=f"metrics-{key}",
-                          description="test metrics: candidate vs Pop baseline vs champion")
+                          description=f"test metrics: candidate vs {baseline_name} vs champion")
     gate = result.gate
     verdict = "PROMOTE" if gate.promote else "REJECT"
     create_markdown_artifact(
-        markdown=f"## Gate: {verdict}\n\n" + "\n".join(f"- {r}" for r in gate.reasons),
+        markdown=gate_markdown(gate, config.evaluation.min_improvement, baseline_name),
         key=f"gate-{key}",
         description="promotion gate decision",
     )
-    logger.info("test %s: candidate %.4f, Pop %.4f%s", gate.metric, gate.candidate, gate.baseline,
+    logger.info("test %s: candidate %.4f, %s %.4f%s", gate.metric, gate.candidate,
+                "Pop" if result.task == "ranking" else "train mean", gate.baseline,
                 f", champion {gate.champion:.4f}" if gate.champion is not None else "")
     logger.info("gate: %s (%s)", verdict, "; ".join(gate.reasons))
     t = config.tracking

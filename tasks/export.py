@@ -28,5 +28,6 @@ def export_task(
                     (exported.size_bytes or 0) / 1024, exported.max_abs_diff or 0.0, exported.users_checked,
                     100 * (exported.top10_agreement or 0.0), exported.latency_ms_p50 or 0.0)
     else:
-        logger.warning("not exported to ONNX: %s (the checkpoint is still registered)", exported.reason)
+        # The reason names why and that the registry keeps the checkpoint (best.pth) instead.
+        logger.warning("not exported to ONNX: %s", exported.reason)
     return exported

@@ -23,7 +23,7 @@ def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> 
     logger = get_run_logger()
     total = config.training.epochs
     logger.info(
-        "training %s for up to %d epochs, batch %d, on %s",
+        "training %s for up to %d epochs, batch %s, on %s",
         config.model.name, total, config.training.train_batch_size, config.training.device,
     )
 
@@ -35,6 +35,9 @@ def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> 
         )
 
     trained = train(config, splits, run_dir, on_epoch=on_epoch)
+    if trained.auto_batch is not None:
+        logger.info("train_batch_size=auto -> %d (%s: %s)", trained.auto_batch.batch, trained.auto_batch.method,
+                    trained.auto_batch.reason)
     if trained.resumed_from_epoch is not None:
         logger.warning("resumed a crashed attempt after epoch %d (from checkpoints/latest.pth)",
                        trained.resumed_from_epoch + 1)

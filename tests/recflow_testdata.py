@@ -101,6 +101,23 @@ def write_parquet(rows: list[Interaction], path: Path, *, time_zone: str = "Euro
     return path
 
 
+def write_rating_csv(rows: list[Interaction], path: Path, seed: int = 1) -> Path:
+    """The interactions plus a 1-5 ``rating`` = round(3 + user bias + item bias + noise), clipped:
+    learnable by a rating model's first-order terms, far from the mean rating's error."""
+    rng = random.Random(seed)
+    users = sorted({r.user for r in rows})
+    items = sorted({r.item for r in rows})
+    user_bias = {u: rng.gauss(0, 1) for u in users}
+    item_bias = {i: rng.gauss(0, 1) for i in items}
+    ratings = [min(5, max(1, round(3 + user_bias[r.user] + item_bias[r.item] + rng.gauss(0, 0.3)))) for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(
+        {"user_id": [r.user for r in rows], "item_id": [r.item for r in rows], "timestamp": [r.iso for r in rows],
+         "rating": ratings}
+    ).write_csv(path)
+    return path
+
+
 def tiny_overrides(tmp: Path, data: Path | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model.params": dict(TINY_MODEL_PARAMS),

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from core.errors import RegistryError
+from core.errors import ChecksumError, RegistryError
+
+MODEL_FILE = "model.onnx"
+SIGNATURE_FILE = "signature.json"
+ITEM_VOCAB_FILE = "item_ids.json"
+USER_VOCAB_FILE = "user_ids.json"
+# Every file the scorer reads; serving verifies each against the version's checksums.json.
+SCORER_FILES = (MODEL_FILE, SIGNATURE_FILE, ITEM_VOCAB_FILE, USER_VOCAB_FILE)
+PADDING = 0  # RecBole's padding id: never a real item or user
 
 
 def mask_scores(scores: np.ndarray, exclude: np.ndarray | list[int] | None = None) -> np.ndarray:
@@ -27,6 +39,14 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return part[np.lexsort((part, -scores[part]))]
 
 
+def onnx_providers() -> list[str]:
+    """CUDA when this onnxruntime build can use it, CPU always as the fallback."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
 @dataclass
 class Recommendation:
     item: str
@@ -34,39 +54,132 @@ class Recommendation:
 
 
 class OnnxScorer:
-    """Loads ``model.onnx``, its signature and vocabularies from one model directory."""
+    """Loads ``model.onnx``, its signature and vocabularies from one model directory.
 
-    def __init__(self, model_dir: Path) -> None:
+    ``checksums`` ({file name: sha256}, from the registry's ``checksums.json``): when given,
+    each file is hashed from the very bytes that get loaded, so a file swapped between a
+    check and the load cannot slip through. ``intra_op_threads``: onnxruntime's per-call
+    thread pool; a server running one process per core wants 1 (no oversubscription).
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        checksums: Mapping[str, str] | None = None,
+        intra_op_threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
-        onnx_path = self.model_dir / "model.onnx"
+        self._checksums = checksums
+        onnx_path = self.model_dir / MODEL_FILE
         if not onnx_path.is_file():
             raise RegistryError(f"{self.model_dir} holds no model.onnx (was the model exportable?)")
-        self.signature = json.loads((self.model_dir / "signature.json").read_text())
-        self.items: list[str] = json.loads((self.model_dir / "item_ids.json").read_text(encoding="utf-8"))
+        model_bytes = self._read(MODEL_FILE)
+        self.signature: dict[str, Any] = json.loads(self._read(SIGNATURE_FILE))
+        self.items: list[str] = json.loads(self._read(ITEM_VOCAB_FILE).decode("utf-8"))
         self.item_index = {tok: i for i, tok in enumerate(self.items)}
-        users_file = self.model_dir / "user_ids.json"
-        self.user_index = {tok: i for i, tok in enumerate(json.loads(users_file.read_text(encoding="utf-8")))} if users_file.exists() else {}
-        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        users_file = self.model_dir / USER_VOCAB_FILE
+        users: list[str] = json.loads(self._read(USER_VOCAB_FILE).decode("utf-8")) if users_file.exists() else []
+        self.user_index = {tok: i for i, tok in enumerate(users)}
+        self.sequential = self.signature["kind"] == "sequential"
+        self.max_seq_length = int(self.signature["max_seq_length"]) if self.sequential else 0
+        options = ort.SessionOptions()
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+            options.inter_op_num_threads = 1
+        self.providers = providers or onnx_providers()
+        self.session = ort.InferenceSession(model_bytes, sess_options=options, providers=self.providers)
+        del model_bytes
+        self._output = [self.signature.get("output", "scores")]
+        # Reused input buffer for batch-1 sequential calls (the hot path of the server).
+        self._one_len = np.zeros(1, dtype=np.int64)
+
+    def _read(self, name: str) -> bytes:
+        try:
+            data = (self.model_dir / name).read_bytes()
+        except OSError as exc:
+            raise RegistryError(f"cannot read {self.model_dir / name}: {exc.strerror or exc}") from None
+        if self._checksums is not None:
+            expected = self._checksums.get(name)
+            if expected is None:
+                raise ChecksumError(f"{self.model_dir.name}/{name} is not listed in checksums.json; refusing to load it")
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise ChecksumError(f"checksum mismatch for {self.model_dir.name}/{name}: the file changed after "
+                                    f"it was registered; refusing to load it")
+        return data
+
+    @property
+    def n_items(self) -> int:
+        """Real items in the catalogue (the padding id excluded)."""
+        return len(self.items) - 1
+
+    # ----------------------------------------------------------------- scoring by internal id
+
+    def scores_for_sequence(self, known: np.ndarray) -> np.ndarray:
+        """Scores over all internal item ids for one history of internal ids (oldest first)."""
+        length = self.max_seq_length
+        recent = known[-length:]
+        seq = np.zeros((1, length), dtype=np.int64)
+        seq[0, : len(recent)] = recent
+        self._one_len[0] = max(len(recent), 1)
+        return self.session.run(self._output, {"item_seq": seq, "item_seq_len": self._one_len})[0][0]
+
+    def scores_for_sequences(self, histories: list[np.ndarray]) -> np.ndarray:
+        """[B, n_items + 1] scores for B histories of internal ids in one model call."""
+        length = self.max_seq_length
+        seq = np.zeros((len(histories), length), dtype=np.int64)
+        lens = np.ones(len(histories), dtype=np.int64)
+        for row, known in enumerate(histories):
+            recent = known[-length:]
+            seq[row, : len(recent)] = recent
+            lens[row] = max(len(recent), 1)
+        return self.session.run(self._output, {"item_seq": seq, "item_seq_len": lens})[0]
+
+    def scores_for_users(self, user_ids: list[int]) -> np.ndarray:
+        return self.session.run(self._output, {"user_id": np.asarray(user_ids, dtype=np.int64)})[0]
+
+    def scores_for_user(self, user_id: int) -> np.ndarray:
+        return self.session.run(self._output, {"user_id": np.asarray([user_id], dtype=np.int64)})[0][0]
+
+    def run_batch(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """Raw model call: ``feed`` as in the signature's inputs, [B, n_items + 1] scores out."""
+        return self.session.run(self._output, feed)[0]
+
+    def top_items(self, scores: np.ndarray, k: int, exclude: np.ndarray | None, *,
+                  inplace: bool = False) -> list[tuple[str, float]]:
+        """(item, score) for the k best, padding and ``exclude`` masked out.
+
+        ``inplace``: mask ``scores`` itself (the caller owns the row, e.g. a fresh batch
+        output); saves the float64 copy ``mask_scores`` makes, on the server's hot path.
+        """
+        if inplace:
+            masked = scores
+            masked[PADDING] = -np.inf
+            if exclude is not None and len(exclude):
+                masked[exclude] = -np.inf
+        else:
+            masked = mask_scores(scores, exclude)
+        best = top_k(masked, k)
+        values = masked[best].tolist()
+        items = self.items
+        return [(items[i], v) for i, v in zip(best.tolist(), values) if math.isfinite(v)]
+
+    # ----------------------------------------------------------------- raw ids (CLI)
 
     def _scores(self, history: list[str], user: str | None) -> tuple[np.ndarray, np.ndarray]:
-        known = np.asarray([self.item_index[i] for i in history if i in self.item_index], dtype=np.int64)
-        if self.signature["kind"] == "sequential":
-            length = int(self.signature["max_seq_length"])
-            recent = known[-length:]
-            seq = np.zeros((1, length), dtype=np.int64)
-            seq[0, : len(recent)] = recent
-            feed = {"item_seq": seq, "item_seq_len": np.asarray([max(len(recent), 1)], dtype=np.int64)}
-        else:
-            if user is None or user not in self.user_index:
-                raise KeyError(f"unknown user {user!r}: this model scores known users only")
-            feed = {"user_id": np.asarray([self.user_index[user]], dtype=np.int64)}
-        return self.session.run(["scores"], feed)[0][0], known
+        known = np.asarray([self.item_index[i] for i in history if self.item_index.get(i, PADDING) != PADDING],
+                           dtype=np.int64)
+        if self.sequential:
+            return self.scores_for_sequence(known), known
+        if user is None or self.user_index.get(user, PADDING) == PADDING:
+            raise KeyError(f"unknown user {user!r}: this model scores known users only")
+        return self.scores_for_user(self.user_index[user]), known
 
     def recommend(
         self, history: list[str], k: int = 10, *, user: str | None = None, exclude_seen: bool = True
     ) -> list[Recommendation]:
         scores, known = self._scores(history, user)
-        masked = mask_scores(scores, known if exclude_seen else None)
-        return [Recommendation(self.items[i], float(scores[i])) for i in top_k(masked, k) if np.isfinite(masked[i])]
+        return [Recommendation(i, s) for i, s in self.top_items(scores, k, known if exclude_seen else None)]

@@ -31,7 +31,7 @@ def test_card_contents_round_trip(tiny_run: TinyRun, tmp_path: Path) -> None:
     assert loaded["gate"]["promote"] is evaluation.gate.promote
     assert loaded["training"]["epochs_run"] == 2
     assert loaded["training"]["best_epoch"] == tiny_run.trained.best_epoch
-    assert loaded["export"] == {"exported": False, "reason": "export disabled in config"}
+    assert loaded["export"] == {"exported": False, "onnx": False, "reason": "export disabled in config"}
     assert loaded["config"]["dataset"]["max_seq_length"] == 10
     assert loaded["libraries"]["recbole"] == "1.2.1"
 

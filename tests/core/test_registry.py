@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import RegistryError
-from core.registry import CARD_FILE, CHAMPION, Registry
+from core.errors import ChecksumError, RegistryError
+from core.registry import CARD_FILE, CHAMPION, CHECKSUMS_FILE, Registry, sha256_file, verify_checksums
 
 NAME = "tiny-sasrec"
 
@@ -83,7 +83,7 @@ def test_promote_switches_the_symlink(registry: Registry, files: list[Path]) -> 
 def test_champion_points_at_a_complete_version(registry: Registry, files: list[Path]) -> None:
     registry.publish(NAME, "v1", files, {"model": "SASRec", "metrics": {"test": {"ndcg@10": 0.3}}}, promote=True)
     champion_dir = registry.entry(NAME) / CHAMPION
-    assert sorted(p.name for p in champion_dir.iterdir()) == sorted([f.name for f in files] + [CARD_FILE])
+    assert sorted(p.name for p in champion_dir.iterdir()) == sorted([f.name for f in files] + [CARD_FILE, CHECKSUMS_FILE])
     for f in files:
         assert (champion_dir / f.name).read_bytes() == f.read_bytes()
     card = json.loads((champion_dir / CARD_FILE).read_text())
@@ -140,3 +140,26 @@ def test_unreadable_card(registry: Registry, files: list[Path]) -> None:
     (registry.entry(NAME) / "v1" / CARD_FILE).write_text("{not json")
     with pytest.raises(RegistryError, match="cannot read model card"):
         registry.champion_card(NAME)
+
+
+def test_publish_writes_checksums_that_verify(registry: Registry, files: list[Path]) -> None:
+    registry.publish(NAME, "v1", files, {"n": 1}, promote=True)
+    version_dir = registry.entry(NAME) / "v1"
+    sums = json.loads((version_dir / CHECKSUMS_FILE).read_text())
+    assert sorted(sums) == sorted([f.name for f in files] + [CARD_FILE])  # every file but itself
+    assert sums["model.onnx"] == sha256_file(files[0])
+    assert len(sums["model.onnx"]) == 64
+    verify_checksums(version_dir, ["model.onnx", "metrics.json", "absent.json"])
+    (version_dir / "model.onnx").write_bytes(b"\x08onnx-bytez")  # same size, one byte differs
+    with pytest.raises(ChecksumError, match="checksum mismatch for v1/model.onnx"):
+        verify_checksums(version_dir, ["model.onnx"])
+    verify_checksums(version_dir, ["metrics.json"])  # only the named files are checked
+
+
+def test_version_without_checksums_is_refused_unless_allowed(registry: Registry, files: list[Path]) -> None:
+    registry.publish(NAME, "v1", files, {}, promote=True)
+    version_dir = registry.entry(NAME) / "v1"
+    (version_dir / CHECKSUMS_FILE).unlink()
+    with pytest.raises(ChecksumError, match="has no checksums.json.*--allow-unverified"):
+        verify_checksums(version_dir, ["model.onnx"])
+    verify_checksums(version_dir, ["model.onnx"], allow_unverified=True)

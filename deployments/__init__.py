@@ -1,0 +1,1 @@
+"""Prefect deployments of the training pipeline (see deployments/README.md)."""

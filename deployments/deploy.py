@@ -1,0 +1,224 @@
+"""The one source of truth for recflow's Prefect deployments (``recflow deploy`` calls ``deploy``).
+
+It creates or updates, idempotently:
+
+- the work pool ``gpu`` (type ``process``, concurrency limit 1: one pool per GPU host, so two
+  trainings never share the GPU; a worker on that host runs the flow runs as subprocesses);
+- ``training-pipeline/nightly``: cron schedule (default 02:00, timezone configurable), the config
+  preset with ``incremental.enabled`` forced on;
+- ``training-pipeline/adhoc``: no schedule; the UI renders the typed ``PipelineConfig`` as a form,
+  pre-filled with the preset.
+
+Both run the flow from the project checkout on the worker's host: a ``set_working_directory``
+pull step points there (by default the checkout this code runs from, filled in at deploy time, so
+nothing machine-specific is stored in the repository), and relative paths in the config
+(``registry``, ``runs``, ``data-store``) resolve inside it. ``CUDA_VISIBLE_DEVICES`` is a job
+variable, so the GPU a deployment uses is set per deployment (and editable per run).
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from core.config import load_config
+from core.errors import RecflowError
+
+FLOW_NAME = "training-pipeline"
+ENTRYPOINT = "flows/training_pipeline.py:training_pipeline"
+DEFAULT_POOL = "gpu"
+DEFAULT_CRON = "0 2 * * *"
+DEFAULT_TIMEZONE = "UTC"
+DEFAULT_GPU = "0"
+NIGHTLY, ADHOC = "nightly", "adhoc"
+# The checkout this module lives in: where workers on this host find the flow's code.
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+class DeploymentError(RecflowError):
+    """The deployments cannot be created: Prefect API unreachable, bad schedule, wrong pool type."""
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """What ``recflow deploy`` takes from its flags."""
+
+    api_url: str
+    pool: str = DEFAULT_POOL
+    config_path: Path | None = None
+    cron: str = DEFAULT_CRON
+    timezone: str = DEFAULT_TIMEZONE
+    gpu: str = DEFAULT_GPU
+    project_dir: Path = CHECKOUT
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    api_url: str
+    pool: str
+    pool_created: bool
+    deployments: dict[str, UUID]
+    project_dir: Path
+
+
+def check_settings(settings: DeploySettings) -> None:
+    """Refuse a bad schedule or checkout before touching the server."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        zoneinfo.ZoneInfo(settings.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise DeploymentError(
+            f"--timezone {settings.timezone!r} is not an IANA time zone (e.g. Europe/Berlin, UTC)"
+        ) from None
+    try:
+        CronSchedule(cron=settings.cron, timezone=settings.timezone)
+    except ValidationError:
+        raise DeploymentError(f"--cron {settings.cron!r} is not a valid cron expression (e.g. '0 2 * * *')") from None
+    if not (settings.project_dir / ENTRYPOINT.split(":")[0]).is_file():
+        raise DeploymentError(
+            f"--project-dir {settings.project_dir} is not a recflow checkout (no {ENTRYPOINT.split(':')[0]})"
+        )
+    if not settings.gpu.replace(",", "").isdigit():
+        raise DeploymentError(f"--gpu {settings.gpu!r} must be GPU indices such as 0 or 0,1")
+
+
+def deployment_parameters(settings: DeploySettings) -> dict[str, dict[str, Any]]:
+    """Each deployment's default ``config`` parameter, as JSON (validated here, so a bad preset
+    fails at deploy time rather than at 02:00)."""
+    adhoc = load_config(settings.config_path, settings.overrides)
+    nightly = load_config(settings.config_path, {**settings.overrides, "incremental.enabled": True})
+    return {
+        NIGHTLY: {"config": nightly.model_dump(mode="json")},
+        ADHOC: {"config": adhoc.model_dump(mode="json")},
+    }
+
+
+def check_api(api_url: str, timeout: float = 5.0) -> None:
+    """One clear error when no Prefect server answers at ``api_url``."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise DeploymentError(
+            f"cannot reach the Prefect API at {api_url} ({type(exc).__name__}); start a server "
+            "(`prefect server start`) or point --api-url / PREFECT_API_URL at one"
+        ) from None
+
+
+def _pool_template(gpu: str) -> dict[str, Any]:
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    # Pool-wide default, so even a deployment created elsewhere stays on this host's GPU.
+    template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": gpu}
+    return template
+
+
+def _ensure_pool(client: Any, settings: DeploySettings) -> bool:
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        pool = client.read_work_pool(settings.pool)
+    except ObjectNotFound:
+        client.create_work_pool(
+            WorkPoolCreate(
+                name=settings.pool,
+                type="process",
+                description="recflow trainings on one GPU host; concurrency 1 so runs never share the GPU",
+                base_job_template=_pool_template(settings.gpu),
+                concurrency_limit=1,
+            )
+        )
+        return True
+    if pool.type != "process":
+        raise DeploymentError(
+            f"work pool {settings.pool!r} exists with type {pool.type!r}; recflow needs a 'process' pool "
+            "(pick another name with --pool)"
+        )
+    # Keep the user's template edits; only the GPU guard is enforced.
+    client.update_work_pool(settings.pool, WorkPoolUpdate(concurrency_limit=1))
+    return False
+
+
+def deploy(settings: DeploySettings) -> DeployResult:
+    """Create or update the pool and both deployments on the server at ``settings.api_url``."""
+    check_settings(settings)
+    parameters = deployment_parameters(settings)
+    check_api(settings.api_url)
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.training_pipeline import training_pipeline
+
+    schema = parameter_schema(training_pipeline).model_dump_for_openapi()
+    project_dir = str(settings.project_dir.resolve())
+    common: dict[str, Any] = {
+        "work_pool_name": settings.pool,
+        "entrypoint": ENTRYPOINT,
+        "path": project_dir,
+        "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": project_dir}}],
+        "parameter_openapi_schema": schema,
+        "enforce_parameter_schema": True,
+        "job_variables": {"env": {"CUDA_VISIBLE_DEVICES": settings.gpu}},
+    }
+    nightly_schedule = DeploymentScheduleCreate(
+        schedule=CronSchedule(cron=settings.cron, timezone=settings.timezone), active=True
+    )
+    ids: dict[str, UUID] = {}
+    with temporary_settings({PREFECT_API_URL: settings.api_url}), get_client(sync_client=True) as client:
+        created = _ensure_pool(client, settings)
+        flow_id = client.create_flow_from_name(FLOW_NAME)
+        ids[NIGHTLY] = client.create_deployment(
+            flow_id,
+            NIGHTLY,
+            schedules=[nightly_schedule],
+            parameters=parameters[NIGHTLY],
+            description="Nightly incremental extract -> validate -> train -> evaluate -> export -> deploy; "
+            "promotes only when the gate passes",
+            tags=["recflow", "nightly"],
+            **common,
+        )
+        ids[ADHOC] = client.create_deployment(
+            flow_id,
+            ADHOC,
+            schedules=[],
+            parameters=parameters[ADHOC],
+            description="Run the pipeline on demand; every PipelineConfig field is editable in the run form",
+            tags=["recflow", "adhoc"],
+            **common,
+        )
+        _replace_schedules(client, ids[NIGHTLY], nightly_schedule)
+        _replace_schedules(client, ids[ADHOC], None)
+    return DeployResult(settings.api_url, settings.pool, created, ids, Path(project_dir))
+
+
+def _replace_schedules(client: Any, deployment_id: UUID, wanted: Any) -> None:
+    """Leave exactly ``wanted`` (or nothing): re-deploying with a new cron must not keep the old one."""
+    current = client.read_deployment_schedules(deployment_id)
+    keep = None
+    for s in current:
+        same = (
+            wanted is not None
+            and keep is None
+            and getattr(s.schedule, "cron", None) == wanted.schedule.cron
+            and getattr(s.schedule, "timezone", None) == wanted.schedule.timezone
+        )
+        if same:
+            keep = s
+        else:
+            client.delete_deployment_schedule(deployment_id, s.id)
+    if wanted is not None and keep is None:
+        client.create_deployment_schedules(deployment_id, [(wanted.schedule, True)])
