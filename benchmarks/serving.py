@@ -259,16 +259,24 @@ def _server_stack() -> dict[str, str]:
             "event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
 
 
-def _cpu_seconds(proc: Any) -> float:
-    """CPU time of a process and its children (uvicorn's worker processes)."""
-    total = 0.0
+def _cpu_seconds(proc: Any) -> tuple[float, float]:
+    """CPU time of a process and its children (uvicorn's workers): (event-loop threads, other threads).
+
+    The main thread of each serving process runs the event loop (HTTP, validation, JSON);
+    the others are mostly the scorer thread (onnxruntime, top-k). Their split says which
+    one bounds a worker's throughput.
+    """
+    loop = other = 0.0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            t = p.cpu_times()
-            total += t.user + t.system
+            for t in p.threads():
+                if t.id == p.pid:
+                    loop += t.user_time + t.system_time
+                else:
+                    other += t.user_time + t.system_time
         except Exception:  # noqa: BLE001 - a worker that exited
             pass
-    return total
+    return loop, other
 
 
 def bench_http(registry: Path, model: str, version_dir: Path, *, total: int, concurrency: int,
@@ -297,15 +305,19 @@ def bench_http(registry: Path, model: str, version_dir: Path, *, total: int, con
         # Warm-up (not measured): every worker loaded and answering, allocators and caches warm.
         asyncio.run(_load(port, reqs, min(1000, total), concurrency))
         ps = psutil.Process(server.pid)
-        server_cpu0, client_cpu0 = _cpu_seconds(ps), time.process_time()
+        (loop0, other0), client_cpu0 = _cpu_seconds(ps), time.process_time()
         result = asyncio.run(_load(port, reqs, total, concurrency))
-        server_cpu = _cpu_seconds(ps) - server_cpu0
+        loop1, other1 = _cpu_seconds(ps)
         client_cpu = time.process_time() - client_cpu0
+        loop_cpu, other_cpu = loop1 - loop0, other1 - other0
+        server_cpu = loop_cpu + other_cpu
         result |= {"workers": workers, "version": health["version"], **_server_stack(),
                    "server_cpu_s": round(server_cpu, 2), "client_cpu_s": round(client_cpu, 2),
                    "server_cores_used": round(server_cpu / result["wall_s"], 2),
                    "client_cores_used": round(client_cpu / result["wall_s"], 2),
                    "server_cpu_ms_per_request": round(1000 * server_cpu / total, 3),
+                   "event_loop_cpu_ms_per_request": round(1000 * loop_cpu / total, 3),
+                   "scorer_thread_cpu_ms_per_request": round(1000 * other_cpu / total, 3),
                    "client_cpu_ms_per_request": round(1000 * client_cpu / total, 3)}
         return result
     finally:
@@ -386,8 +398,12 @@ def main() -> None:
                   f"p99 {h['p99_ms']:.2f} ms   max {h['max_ms']:.1f} ms   errors {h['errors']} {h['error_kinds'] or ''}")
             print(f"  vs goal ({GOAL_RPS:.0f} req/s, p99 {GOAL_P99_MS:.0f} ms): throughput {h['vs_goal']['throughput']:.2f}x "
                   f"(>= 1 meets), p99 {h['vs_goal']['p99']:.2f}x (<= 1 meets)")
-            print(f"  CPU: server {h['server_cores_used']:.2f} cores ({h['server_cpu_ms_per_request']:.3f} ms/request), "
-                  f"client {h['client_cores_used']:.2f} cores ({h['client_cpu_ms_per_request']:.3f} ms/request)")
+            print(f"  CPU: server {h['server_cores_used']:.2f} cores ({h['server_cpu_ms_per_request']:.3f} ms/request: "
+                  f"event loop {h['event_loop_cpu_ms_per_request']:.3f}, scorer thread "
+                  f"{h['scorer_thread_cpu_ms_per_request']:.3f}), client {h['client_cores_used']:.2f} cores "
+                  f"({h['client_cpu_ms_per_request']:.3f} ms/request)")
+            print(f"  machine CPU busy (all processes) before/after: {results['machine']['cpu_busy_before_pct']:.0f}% / "
+                  f"{_other_cpu_busy():.0f}%")
         results["machine"]["cpu_busy_after_pct"] = _other_cpu_busy()
         if args.out:
             args.out.write_text(json.dumps(results, indent=2))

@@ -7,8 +7,9 @@ Rating (``evaluation.task: rating``): RMSE and MAE of the predicted rating for e
 (user, item) pair, on the original rating scale; the baseline predicts the mean training
 rating; lower wins.
 
-The candidate is compared with the champion only when the champion's metrics were measured
-on the same data under the same protocol.
+The candidate is compared with the champion on the same test set: the champion's stored
+metrics when it was measured on the same data and protocol, else (ranking) the champion's
+ONNX model re-scored on this run's split.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from core import recbole_compat as rb
+from core.champion_rescore import ChampionNotComparable, rescore_champion
 from core.config import PipelineConfig
 from core.dataset import RecBoleData, load_recbole_data
 from core.errors import DataValidationError
@@ -218,7 +220,15 @@ def evaluate(
     trained: TrainedModel,
     run_dir: Path,
     champion_card: dict[str, Any] | None = None,
+    champion_dir: Path | None = None,
 ) -> Evaluation:
+    """Evaluate the candidate and decide the gate.
+
+    The champion's stored test metrics are used when it was measured on the same data and
+    protocol. Otherwise (a nightly run on new data) a ranking champion in ``champion_dir`` is
+    re-scored on this run's test split (``core.champion_rescore``), so the gate still compares
+    like with like; only a champion that cannot be re-scored leaves the baseline as the bar.
+    """
     checkpoint_dir = trained.checkpoint.parent
     data = load_recbole_data(config, splits, checkpoint_dir)
     model = load_trained(data, trained.checkpoint)
@@ -230,7 +240,7 @@ def evaluate(
         valid, test = ranking_metrics(data, model, trained.checkpoint)
         baseline = popularity_baseline(data, checkpoint_dir)
     champion_version = champion_card.get("version") if champion_card else None
-    champion_metrics = champion_card.get("metrics", {}).get("test") if comparable(champion_card, splits) else None
+    champion_metrics, note = _champion_metrics(champion_card, champion_dir, splits, data, checkpoint_dir, rating)
     gate = decide(
         metric=config.evaluation.gate_metric,
         candidate=test,
@@ -241,6 +251,8 @@ def evaluate(
         lower_is_better=rating,
         baseline_name=BASELINE_NAMES[config.evaluation.task],
     )
+    if note:
+        gate.reasons.insert(1, note)
     path = run_dir / METRICS_FILE
     result = Evaluation(
         test=test, valid=valid, baseline=baseline, champion=champion_metrics, gate=gate, metrics_path=path,
@@ -248,6 +260,31 @@ def evaluate(
     )
     path.write_text(json.dumps(result.model_dump(mode="json", exclude={"metrics_path"}), indent=2))
     return result
+
+
+def _champion_metrics(
+    card: dict[str, Any] | None,
+    champion_dir: Path | None,
+    splits: DatasetSplits,
+    data: RecBoleData,
+    checkpoint_dir: Path,
+    rating: bool,
+) -> tuple[dict[str, float] | None, str | None]:
+    """(champion test metrics to gate against or None, a reason line when they were not stored ones)."""
+    if not card:
+        return None, None
+    if comparable(card, splits):
+        return card.get("metrics", {}).get("test"), None
+    version = card.get("version")
+    if rating or champion_dir is None:
+        return None, None
+    if card.get("data", {}).get("eval_protocol") != splits.eval_protocol:
+        return None, f"champion {version} was evaluated under another protocol; it cannot be re-scored"
+    try:
+        metrics = rescore_champion(data, champion_dir, checkpoint_dir / "champion.pth")
+    except ChampionNotComparable as exc:
+        return None, f"champion {version} cannot be re-scored on this data: {exc}"
+    return metrics, f"champion {version} was trained on other data: re-scored on this run's test set"
 
 
 def metrics_table(evaluation: Evaluation) -> list[dict[str, Any]]:

@@ -38,8 +38,10 @@ def gate_markdown(gate: GateDecision, min_improvement: float, baseline_name: str
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(config: PipelineConfig, splits: DatasetSplits, trained: TrainedModel, run_dir: Path) -> Evaluation:
     logger = get_run_logger()
-    champion_card = Registry(config.registry.path).champion_card(config.registry_name)
-    result = evaluate(config, splits, trained, run_dir, champion_card)
+    registry = Registry(config.registry.path)
+    champion_card = registry.champion_card(config.registry_name)
+    champion_dir = registry.entry(config.registry_name) / champion_card["version"] if champion_card else None
+    result = evaluate(config, splits, trained, run_dir, champion_card, champion_dir)
     key = artifact_key(config.registry_name)
     baseline_name = BASELINE_NAMES[result.task]  # "Pop baseline" (ranking) or "train-mean baseline" (rating)
     create_table_artifact(table=metrics_table(result), key=f"metrics-{key}",

@@ -184,6 +184,31 @@ def test_champion_on_other_data_is_ignored(tiny_run: TinyRun, tmp_path: Path) ->
     assert "evaluated on other data" in result.gate.reasons[1]
 
 
+def test_champion_on_other_data_is_rescored_on_this_test_set(tiny_run: TinyRun, tmp_path: Path) -> None:
+    """A nightly run on new data: the champion's ONNX model is scored on tonight's split."""
+    from core.export import export_model
+
+    record, _ = export_model(tiny_run.config, tiny_run.splits, tiny_run.trained, tmp_path / "exp")
+    s = tiny_run.splits
+    # Stored metrics (0.99) were measured on other data: they must not be what the gate uses.
+    card = _card("another-dataset", s.eval_protocol, 0.99)
+    result = evaluate(tiny_run.config, s, tiny_run.trained, tmp_path, card, record.card_path.parent)
+    assert result.champion is not None and result.champion["ndcg@10"] != 0.99
+    # The champion is the candidate itself here: same scores, so it does not beat itself.
+    assert result.champion["ndcg@10"] == pytest.approx(result.test["ndcg@10"], abs=1e-4)
+    assert result.gate.promote is False
+    assert "re-scored on this run's test set" in result.gate.reasons[1]
+    assert any("does not beat champion v-old" in r for r in result.gate.reasons)
+
+
+def test_champion_under_another_protocol_is_not_rescored(tiny_run: TinyRun, tmp_path: Path) -> None:
+    s = tiny_run.splits
+    card = _card("another-dataset", "ratio:0.8,0.1,0.1|min_user=5|min_item=1", 0.99)
+    result = evaluate(tiny_run.config, s, tiny_run.trained, tmp_path, card, tmp_path / "no-such-version")
+    assert result.champion is None and result.gate.promote is True
+    assert "another protocol" in result.gate.reasons[1]
+
+
 def test_metrics_table_rows(tiny_run: TinyRun, tmp_path: Path) -> None:
     s = tiny_run.splits
     result = evaluate(tiny_run.config, s, tiny_run.trained, tmp_path, _card(s.fingerprint, s.eval_protocol, 0.5))
