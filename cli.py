@@ -19,9 +19,8 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="recflow: train, gate and ship recommenders.")
 
-# glibc's default malloc thresholds make torch's CPU training return and re-fault memory
-# every step; raising them cut a SASRec epoch ~20% here. They must be set before the
-# process starts, so the CLI re-executes itself once with them.
+# glibc malloc thresholds (see core.devices.MALLOC_TUNABLES) must be set before the process
+# starts, so the CLI re-executes itself once with them.
 _MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 
 

@@ -113,12 +113,19 @@ def check_api(api_url: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _job_env(gpu: str) -> dict[str, str]:
+    """The flow run's environment: its GPU, and (Linux) the malloc tunables the CLI also uses."""
+    from core.devices import MALLOC_TUNABLES
+
+    return {"CUDA_VISIBLE_DEVICES": gpu, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+
+
 def _pool_template(gpu: str) -> dict[str, Any]:
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
     # Pool-wide default, so even a deployment created elsewhere stays on this host's GPU.
-    template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": gpu}
+    template["variables"]["properties"]["env"]["default"] = _job_env(gpu)
     return template
 
 
@@ -172,7 +179,7 @@ def deploy(settings: DeploySettings) -> DeployResult:
         "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": project_dir}}],
         "parameter_openapi_schema": schema,
         "enforce_parameter_schema": True,
-        "job_variables": {"env": {"CUDA_VISIBLE_DEVICES": settings.gpu}},
+        "job_variables": {"env": _job_env(settings.gpu)},
     }
     nightly_schedule = DeploymentScheduleCreate(
         schedule=CronSchedule(cron=settings.cron, timezone=settings.timezone), active=True

@@ -150,3 +150,11 @@ def test_unknown_model_fails_before_the_flow(workdir: Path) -> None:
     assert_user_error(result, "config", "unknown model 'NotAModel'")
     assert result.code == 2
     assert "Starting temporary server" not in result.stderr  # failed fast, no Prefect
+
+
+def test_cli_reexecs_with_the_same_malloc_tunables_as_deployments() -> None:
+    # cli.py keeps its own copy so that `recflow` can re-exec before importing torch.
+    import cli
+    from core.devices import MALLOC_TUNABLES
+
+    assert cli._MALLOC_TUNABLES == MALLOC_TUNABLES

@@ -33,6 +33,7 @@ from fastapi.testclient import TestClient
 from recflow_testdata import DATA_FILE, TINY_YAML, Interaction, write_csv
 from sshd_server import SshServer
 
+from core.devices import MALLOC_TUNABLES
 from core.registry import Registry
 from core.serving.app import create_app
 
@@ -195,7 +196,7 @@ def test_pool_and_deployments(stack: Stack, deployed: dict[str, Any]) -> None:
     for dep in (nightly, adhoc):
         assert dep["work_pool_name"] == "gpu"
         assert dep["entrypoint"] == "flows/training_pipeline.py:training_pipeline"
-        assert dep["job_variables"] == {"env": {"CUDA_VISIBLE_DEVICES": "0"}}
+        assert dep["job_variables"] == {"env": {"CUDA_VISIBLE_DEVICES": "0", "GLIBC_TUNABLES": MALLOC_TUNABLES}}
         assert dep["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
         ]
