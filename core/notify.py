@@ -74,7 +74,9 @@ def message_text(outcome: Outcome) -> str:
     if o.gate is not None:
         g = o.gate
         champ = f"champion {g.champion_version} {_fmt(g.champion)}" if g.champion is not None else "no comparable champion"
-        lines.append(f"{g.metric}: candidate {_fmt(g.candidate)} vs {champ} vs Pop {_fmt(g.baseline)}")
+        # RMSE/MAE gates (rating models) compare with the mean training rating, not Pop.
+        baseline = "train mean" if g.metric.split("@")[0].upper() in ("RMSE", "MAE") else "Pop"
+        lines.append(f"{g.metric}: candidate {_fmt(g.candidate)} vs {champ} vs {baseline} {_fmt(g.baseline)}")
     lines += [f"- {r}" for r in o.reasons]
     if o.run_url:
         lines.append(o.run_url)

@@ -56,6 +56,12 @@ def test_message_names_run_version_gate_figures_and_reasons() -> None:
     assert "FAILED at validate" in failed and "data validation failed: 2 checks" in failed
 
 
+def test_rating_gate_names_the_train_mean_baseline() -> None:
+    gate = GATE.model_copy(update={"metric": "RMSE", "candidate": 0.98, "baseline": 1.24, "champion": None})
+    text = message_text(PROMOTED.__class__(**{**PROMOTED.__dict__, "gate": gate}))
+    assert "vs train mean 1.2400" in text and "Pop" not in text.splitlines()[1]
+
+
 def test_payload_formats() -> None:
     assert set(build_payload(PROMOTED, "discord")) == {"content"}
     assert set(build_payload(PROMOTED, "slack")) == {"text"}
