@@ -98,27 +98,22 @@ class Registry:
             raise
         if promote:
             self._switch_champion(name, version)
-        return Promotion(
-            registry=self.root.resolve(),
-            model_name=name,
-            version=version,
-            version_dir=final.resolve(),
-            promoted=promote,
-            champion=self.champion_version(name),
-        )
+        return self._promotion(name, version, promote)
 
     def promote(self, name: str, version: str) -> Promotion:
         """Make an already registered ``version`` the champion (after it was shipped)."""
-        final = self.entry(name) / version
-        if not final.is_dir():
+        if not (self.entry(name) / version).is_dir():
             raise RegistryError(f"cannot promote {name}/{version}: no such version in {self.root}")
         self._switch_champion(name, version)
+        return self._promotion(name, version, True)
+
+    def _promotion(self, name: str, version: str, promoted: bool) -> Promotion:
         return Promotion(
             registry=self.root.resolve(),
             model_name=name,
             version=version,
-            version_dir=final.resolve(),
-            promoted=True,
+            version_dir=(self.entry(name) / version).resolve(),
+            promoted=promoted,
             champion=self.champion_version(name),
         )
 

@@ -61,6 +61,7 @@ from pydantic import BaseModel, Field
 
 from core.config import ShippingConfig
 from core.errors import HostKeyError, ShippingAuthError, ShippingConnectionError, ShippingError
+from core.registry import sha256_file
 
 CHAMPION = "champion"
 MANIFEST_FILE = "ship_manifest.json"
@@ -521,7 +522,7 @@ def _local_files(version_dir: Path) -> list[tuple[str, Path, int, str]]:
             continue  # a manifest from an earlier ship is rewritten, never copied
         if any(c in rel for c in "\n\\"):
             raise ShippingError(f"cannot ship {path}: file names must not contain a newline or backslash")
-        out.append((rel, path, path.stat().st_size, _sha256_file(path)))
+        out.append((rel, path, path.stat().st_size, sha256_file(path)))
     if not out:
         raise ShippingError(f"{version_dir} holds no files to ship")
     checksums_path = version_dir / LOCAL_CHECKSUMS_FILE
@@ -536,14 +537,6 @@ def _local_files(version_dir: Path) -> list[tuple[str, Path, int, str]]:
                 f"{version_dir.name}: {', '.join(changed)} changed since registration (checksums.json); not shipping it"
             )
     return out
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ship_version(
