@@ -360,10 +360,12 @@ def _serve_cmd(registry: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cli", "serve", "--registry", str(registry), *extra]
 
 
-def test_recflow_serve_answers_over_http(registry: Registry) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_recflow_serve_answers_over_http(registry: Registry, workers: int) -> None:
     port = _free_port()
     env = {**os.environ, "RECFLOW_NO_REEXEC": "1"}
-    proc = subprocess.Popen(_serve_cmd(registry.root, "--port", str(port)), cwd=REPO, env=env,
+    cmd = _serve_cmd(registry.root, "--port", str(port), "--workers", str(workers))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -377,8 +379,9 @@ def test_recflow_serve_answers_over_http(registry: Registry) -> None:
                     raise AssertionError(f"server did not come up: {proc.stdout.read() if proc.stdout else ''}")
                 time.sleep(0.2)
         assert health.json()["version"] == "v1"
-        resp = httpx.post(f"{base}/recommendations", json={"items": ["i10", "i11", "i12"], "k": 3}, timeout=5)
-        assert resp.status_code == 200 and resp.json()["items"][0]["item"] == "i13"
+        for _ in range(20):  # with --workers 2, both processes answer the same
+            resp = httpx.post(f"{base}/recommendations", json={"items": ["i10", "i11", "i12"], "k": 3}, timeout=5)
+            assert resp.status_code == 200 and resp.json()["items"][0]["item"] == "i13"
         bad = httpx.post(f"{base}/recommendations", content=b"{", headers={"content-type": "application/json"})
         assert bad.status_code == 400
     finally:
