@@ -423,17 +423,17 @@ def _shipping_target(config: Optional[Path], registry: Optional[Path], flags: di
                    if not getattr(cfg.shipping, field)]
         if missing:
             _fail(f"no production host configured: set {', '.join(missing)}")
-        key = load_private_key(cfg.shipping, secret_loader=_prefect_secret if cfg.shipping.key_secret_block else None)
+        key = load_private_key(cfg.shipping, secret_loader=_secret_loader() if cfg.shipping.key_secret_block else None)
     except RecflowError as exc:
         _fail(str(exc))
         raise  # unreachable: _fail exits
     return cfg, key
 
 
-def _prefect_secret(block_name: str) -> str:
-    from prefect.blocks.system import Secret
+def _secret_loader() -> Any:
+    from tasks._common import load_prefect_secret  # imports Prefect: only when a block is configured
 
-    return str(Secret.load(block_name).get())
+    return load_prefect_secret
 
 
 def _target_flags(host: Optional[str], port: Optional[int], user: Optional[str], remote_dir: Optional[str],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +22,7 @@ import polars as pl
 
 from core.config import PrivacyConfig
 from core.errors import ConfigError
+from core.secrets import env_or_block
 
 PSEUDONYM_HEX_CHARS = 32
 MIN_KEY_BYTES = 16
@@ -42,24 +42,8 @@ def resolve_key(
     short (< 16 bytes) key raises ``ConfigError``; no message ever contains the key.
     """
     env = privacy.key_env
-    value = os.environ.get(env, "").strip()
-    origin = f"environment variable {env}"
-    if not value and privacy.secret_block:
-        block = privacy.secret_block
-        origin = f"Prefect Secret block {block!r}"
-        if secret_loader is None:
-            raise ConfigError(
-                f"privacy.secret_block is set to {block!r} but Prefect Secret blocks can only be read "
-                f"inside the pipeline flow; set {env} instead (32+ random bytes, e.g. `openssl rand -hex 32`)"
-            )
-        try:
-            loaded = secret_loader(block)
-        except Exception as exc:  # noqa: BLE001 - any loader failure is a configuration problem
-            raise ConfigError(
-                f"cannot read the pseudonymisation key from {origin} ({type(exc).__name__}); "
-                f"check that the block exists, or set {env}"
-            ) from None
-        value = _as_text(loaded).strip()
+    value, origin = env_or_block(env, privacy.secret_block, secret_loader, what="the pseudonymisation key",
+                                 block_field="privacy.secret_block", error=ConfigError)
     if not value:
         where = f" for source {source!r}" if source else ""
         also = f" ({origin} is empty)" if privacy.secret_block else ""
@@ -74,16 +58,6 @@ def resolve_key(
             f"use 32+ random bytes, e.g. `openssl rand -hex 32`"
         )
     return key
-
-
-def _as_text(loaded: Any) -> str:
-    if loaded is None:
-        return ""
-    if hasattr(loaded, "get_secret_value"):  # pydantic SecretStr
-        loaded = loaded.get_secret_value()
-    if isinstance(loaded, bytes):
-        return loaded.decode("utf-8")
-    return str(loaded)
 
 
 def pseudonym(key: bytes | str, raw_id: str) -> str:

@@ -13,14 +13,9 @@ from core.config import NotifyConfig, PipelineConfig
 from core.errors import PipelineFailed
 from core.notify import Outcome, notify
 from core.records import PipelineResult
+from tasks._common import load_prefect_secret
 
 log = logging.getLogger(__name__)
-
-
-def _load_secret(block_name: str) -> str:
-    from prefect.blocks.system import Secret
-
-    return str(Secret.load(block_name).get())
 
 
 def _config(flow_run: Any) -> PipelineConfig | None:
@@ -56,7 +51,7 @@ def _send(flow: Any, flow_run: Any, build: Any) -> None:
     try:
         config = _config(flow_run)
         outcome: Outcome = build(config)
-        notify(outcome, config.notify if config else NotifyConfig(), secret_loader=_load_secret, logger=logger)
+        notify(outcome, config.notify if config else NotifyConfig(), secret_loader=load_prefect_secret, logger=logger)
     except Exception as exc:  # noqa: BLE001 - a hook bug must not turn a finished run into a failure
         logger.warning("notification hook failed (%s: %s)", type(exc).__name__, exc)
 

@@ -22,3 +22,10 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def load_prefect_secret(block_name: str) -> str:
+    """The value of a Prefect Secret block: the ``secret_loader`` core's secret readers take."""
+    from prefect.blocks.system import Secret
+
+    return str(Secret.load(block_name).get())

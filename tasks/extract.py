@@ -9,13 +9,7 @@ from core.config import PipelineConfig, dump_config
 from core.extract import commit_snapshot, extract
 from core.records import Snapshot
 from core.run_folder import new_run_dir
-from tasks._common import retry_unless_user_error
-
-
-def _load_secret(block_name: str) -> str:
-    from prefect.blocks.system import Secret
-
-    return str(Secret.load(block_name).get())
+from tasks._common import load_prefect_secret, retry_unless_user_error
 
 
 @task(name="prepare-run", cache_policy=NO_CACHE)
@@ -33,7 +27,7 @@ def prepare_run_task(config: PipelineConfig) -> Path:
 
 @task(name="extract", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def extract_task(config: PipelineConfig, run_dir: Path) -> Snapshot:
-    snapshot = extract(config, run_dir, secret_loader=_load_secret)
+    snapshot = extract(config, run_dir, secret_loader=load_prefect_secret)
     logger = get_run_logger()
     logger.info(
         "extracted %d interactions (%d users, %d items) from %s, %s .. %s%s",

@@ -12,13 +12,7 @@ from core.config import PipelineConfig
 from core.errors import RecflowError, ShippingConnectionError
 from core.records import Promotion
 from core.shipping import ShipResult, ship_version
-from tasks._common import artifact_key
-
-
-def _load_secret(block_name: str) -> str:
-    from prefect.blocks.system import Secret
-
-    return str(Secret.load(block_name).get())
+from tasks._common import artifact_key, load_prefect_secret
 
 
 def retry_on_connection_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -40,7 +34,7 @@ def ship_task(config: PipelineConfig, promotion: Promotion) -> ShipResult:
     """Ship ``promotion``'s version and make it the host's champion. A retry re-verifies what is there."""
     logger = get_run_logger()
     result = ship_version(promotion.version_dir, promotion.model_name, promotion.version, config.shipping,
-                          secret_loader=_load_secret, logger=logger)
+                          secret_loader=load_prefect_secret, logger=logger)
     create_markdown_artifact(
         key=artifact_key("ship", promotion.model_name),
         description="what the production host serves",

@@ -62,6 +62,7 @@ from pydantic import BaseModel, Field
 from core.config import ShippingConfig
 from core.errors import HostKeyError, ShippingAuthError, ShippingConnectionError, ShippingError
 from core.registry import sha256_file
+from core.secrets import SecretLoader, env_or_block
 
 CHAMPION = "champion"
 MANIFEST_FILE = "ship_manifest.json"
@@ -74,7 +75,6 @@ EXEC_TIMEOUT_S = 600.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 
-SecretLoader = Callable[[str], Any]
 Progress = Callable[[int, int], None]
 Log = logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
 
@@ -130,26 +130,8 @@ def load_private_key(settings: ShippingConfig, *, secret_loader: SecretLoader | 
     Errors name where the key was looked for, never its content.
     """
     env = settings.key_env
-    value = os.environ.get(env, "").strip()
-    origin = f"environment variable {env}"
-    if not value and settings.key_secret_block:
-        block = settings.key_secret_block
-        origin = f"Prefect Secret block {block!r}"
-        if secret_loader is None:
-            raise ShippingAuthError(
-                f"shipping.key_secret_block is {block!r} but Prefect Secret blocks are read only inside a "
-                f"Prefect flow; set {env} to the key file path instead"
-            )
-        try:
-            loaded = secret_loader(block)
-        except Exception as exc:  # noqa: BLE001 - any loader failure means: no usable key
-            raise ShippingAuthError(
-                f"cannot read the SSH key from {origin} ({type(exc).__name__}); check that the block exists, "
-                f"or set {env}"
-            ) from None
-        if hasattr(loaded, "get_secret_value"):  # pydantic SecretStr
-            loaded = loaded.get_secret_value()
-        value = (loaded.decode("utf-8") if isinstance(loaded, bytes) else str(loaded or "")).strip()
+    value, origin = env_or_block(env, settings.key_secret_block, secret_loader, what="the SSH key",
+                                 block_field="shipping.key_secret_block", error=ShippingAuthError)
     if not value:
         raise ShippingAuthError(
             f"no SSH private key for shipping: set {env} to a key file path (or the key text), "
