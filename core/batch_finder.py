@@ -202,8 +202,10 @@ def probe_step(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     memory: MemoryReader,
+    loss_fn: Callable[[Any], Any] | None = None,
 ) -> int:
-    """One training step as the trainer takes it; returns its peak memory (bytes)."""
+    """One training step as the trainer takes it (``loss_fn``: the trainer's loss, default the model's);
+    returns its peak memory (bytes)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     memory.reset()
@@ -212,7 +214,7 @@ def probe_step(
         torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
     with autocast:
-        losses = model.calculate_loss(batch)  # type: ignore[operator]
+        losses = (loss_fn or model.calculate_loss)(batch)  # type: ignore[operator]
     loss = sum(losses) if isinstance(losses, tuple) else losses
     memory.sample()
     loss.backward()  # type: ignore[union-attr]
@@ -245,6 +247,7 @@ def make_fits(
     amp_dtype: torch.dtype | None,
     memory: MemoryReader,
     seed: int = 0,
+    loss_fn: Callable[[Any], Any] | None = None,
 ) -> FitsFn:
     """``fits(batch)``: one ``probe_step`` on a real train batch of ``batch`` rows.
 
@@ -260,7 +263,9 @@ def make_fits(
         index = torch.randperm(loader.sample_size, generator=generator)[:n].numpy()
         interaction = loader.collate_fn(np.sort(index))
         try:
-            return probe_step(model, optimizer, interaction, device=device, amp_dtype=amp_dtype, memory=memory)
+            return probe_step(
+                model, optimizer, interaction, device=device, amp_dtype=amp_dtype, memory=memory, loss_fn=loss_fn
+            )
         finally:
             optimizer.zero_grad(set_to_none=True)
             del interaction
@@ -310,6 +315,8 @@ def find_train_batch(
     optimizer_factory: Callable[[], torch.optim.Optimizer],
     amp_dtype: torch.dtype | None,
     memory: MemoryReader | None = None,
+    loss_fn: Callable[[Any], Any] | None = None,
+    default_batch: int | None = None,
 ) -> AutoBatch:
     """Resolve ``train_batch_size: auto`` for ``model`` on ``loader``'s data; logs the choice.
 
@@ -320,14 +327,15 @@ def find_train_batch(
     cap = training_rows(loader)
     if training.auto_batch_max is not None:
         cap = min(cap, training.auto_batch_max)
-    default = min(training.AUTO_BATCH_DEFAULT, cap)
+    wanted = default_batch or training.AUTO_BATCH_DEFAULT
+    default = min(wanted, cap)
     if memory is None:
         choice = AutoBatch(
             batch=default,
             method="default",
             device=device.type,
-            reason=f"{device.type} has no memory limit to probe: the default {training.AUTO_BATCH_DEFAULT}"
-            + (f", capped at {cap}" if default < training.AUTO_BATCH_DEFAULT else ""),
+            reason=f"{device.type} has no memory limit to probe: the default {wanted}"
+            + (f", capped at {cap}" if default < wanted else ""),
         )
     elif str(recbole_config["model"]) in _BATCH_IN_MODEL:
         choice = AutoBatch(
@@ -335,7 +343,7 @@ def find_train_batch(
             method="default",
             device=device.type,
             reason=f"{recbole_config['model']} sizes itself by train_batch_size when built: the default "
-            f"{training.AUTO_BATCH_DEFAULT}",
+            f"{wanted}",
         )
     elif not _plain_trainer(recbole_config):
         choice = AutoBatch(
@@ -343,14 +351,16 @@ def find_train_batch(
             method="default",
             device=device.type,
             reason=f"{recbole_config['model']} does not train in RecBole's plain loop, so a probe step would not "
-            f"match its training: the default {training.AUTO_BATCH_DEFAULT}",
+            f"match its training: the default {wanted}",
         )
     else:
         budget = int((1.0 - training.auto_batch_headroom) * memory.available_bytes())
         with _probing_state(model, loader):
             optimizer = optimizer_factory()
             try:
-                fits = make_fits(model, optimizer, loader, device=device, amp_dtype=amp_dtype, memory=memory)
+                fits = make_fits(
+                    model, optimizer, loader, device=device, amp_dtype=amp_dtype, memory=memory, loss_fn=loss_fn
+                )
                 batch, probes = search_batch(fits, budget_bytes=budget, cap=cap, floor=training.min_micro_batch)
             finally:
                 optimizer.zero_grad(set_to_none=True)
@@ -384,8 +394,6 @@ def describe_probes(choice: AutoBatch) -> str:
 
 def apply_train_batch(recbole_config: Any, loader: Any, batch: int) -> None:
     """Make ``loader`` (and the trainer, which reads ``recbole_config``) train at ``batch`` rows."""
-    if recbole_config["train_batch_size"] == batch:
-        return
     recbole_config["train_batch_size"] = batch
     loader._init_batch_size_and_step()
     # torch's DataLoader built its BatchSampler with the old step; it reads batch_size per iteration.
@@ -395,16 +403,27 @@ def apply_train_batch(recbole_config: Any, loader: Any, batch: int) -> None:
 
 
 def prepare_train_batch(
-    training: TrainingConfig, data: Any, model: torch.nn.Module, trainer: Any, *, prior: dict[str, Any] | None
+    training: TrainingConfig,
+    data: Any,
+    model: torch.nn.Module,
+    trainer: Any,
+    *,
+    prior: dict[str, Any] | None,
+    loader: Any = None,
+    loss_fn: Callable[[Any], Any] | None = None,
 ) -> AutoBatch | None:
     """Set the batch ``train`` trains with; for ``auto`` find it first (or reuse ``prior``, the choice
     a crashed attempt recorded in latest.pth: its saved state was trained at that batch).
 
+    ``loader``/``loss_fn``: what training reads batches from and scores them with (the
+    all-position window loader and its loss; default RecBole's train loader and the model's loss).
     Every call sets its batch: the loaders are cached per process (core/dataset.py), and an
     earlier ``auto`` run in this process may have changed theirs.
     """
+    loader = loader if loader is not None else data.train
+    default = training.default_batch(windows=loss_fn is not None)
     if training.train_batch_size != "auto":
-        apply_train_batch(data.config, data.train, training.train_batch_size)
+        apply_train_batch(data.config, loader, training.train_batch_size or default)
         return None
     if prior is not None:
         choice = AutoBatch.model_validate(prior)
@@ -414,10 +433,12 @@ def prepare_train_batch(
         choice = find_train_batch(
             training,
             model,
-            data.train,
+            loader,
             data.config,
             optimizer_factory=lambda: trainer._build_optimizer(params=model.parameters()),
             amp_dtype=trainer.amp_dtype,
+            loss_fn=loss_fn,
+            default_batch=default,
         )
-    apply_train_batch(data.config, data.train, choice.batch)
+    apply_train_batch(data.config, loader, choice.batch)
     return choice

@@ -139,13 +139,34 @@ class ModelConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    # Defaults sized for the default run (SASRec, ml-100k, 2-core CPU, a few minutes):
-    # a higher learning rate than RecBole's 0.001 beats Pop after the first epoch.
-    epochs: int = Field(default=2, ge=1)
-    train_batch_size: int | Literal["auto"] = Field(
-        default=1024,
-        description="rows per optimizer step, or 'auto': on a GPU, probe the largest batch that fits with "
-        "auto_batch_headroom spare (core/batch_finder.py); on CPU, 1024",
+    # Train to convergence: a high epoch cap, early stopping on the valid metric, and a wall-time
+    # budget that keeps the best epoch. Figures behind the defaults: benchmarks/README.md.
+    epochs: int = Field(default=200, ge=1, description="epoch cap; early stopping normally ends training first")
+    max_minutes: float | None = Field(
+        default=4.0, gt=0, description="training wall-time budget (train + valid epochs): training ends cleanly "
+        "after the epoch that crosses it and keeps the best epoch; None: no budget",
+    )
+    objective: Literal["all_positions", "last_item"] = Field(
+        default="all_positions",
+        description="sequential models: all_positions trains every window once with a target at every position "
+        "(SASRec, GRU4Rec; BERT4Rec masks items over whole windows); last_item is RecBole's one row per prefix. "
+        "Other sequential models always train last_item",
+    )
+    loss: Literal["ce", "sampled_softmax", "gbce"] = Field(
+        default="ce", description="all_positions: full-catalogue cross-entropy, or a sampled loss for huge catalogues "
+        "(model.params.loss_type applies to last_item only)",
+    )
+    negatives: int = Field(default=256, ge=1, description="sampled_softmax/gbce: negatives drawn per batch")
+    gbce_t: float = Field(default=0.75, ge=0, le=1, description="gbce: calibration t (0: plain BCE, 1: calibrated)")
+    window_stride: int | None = Field(
+        default=None, ge=1, description="all_positions: new targets per window, cut back from the newest item; every "
+        "target keeps max_seq_length - stride items of context. Default: max_seq_length // 2",
+    )
+    train_batch_size: int | Literal["auto"] | None = Field(
+        default=None,
+        description="rows per optimizer step (windows on the all_positions path), or 'auto': on a GPU, probe the "
+        "largest batch that fits with auto_batch_headroom spare (core/batch_finder.py); on CPU, the default. "
+        "Default: 128 windows (all_positions), 1024 rows otherwise",
     )
     auto_batch_headroom: float = Field(
         default=0.2, ge=0.0, lt=1.0, description="train_batch_size=auto: fraction of GPU memory left unused"
@@ -154,7 +175,7 @@ class TrainingConfig(_Strict):
         default=None, ge=1, description="train_batch_size=auto: the largest batch to try; default: no limit"
     )
     eval_batch_size: int = Field(default=4096, ge=1)
-    learning_rate: float = Field(default=0.003, gt=0)
+    learning_rate: float = Field(default=0.001, gt=0)
     device: Device = "auto"
     seed: int = 2020
     early_stopping_patience: int = Field(default=5, ge=1, description="epochs without valid gain")
@@ -190,15 +211,24 @@ class TrainingConfig(_Strict):
     # train_batch_size=auto on CPU (nothing to probe), and what RecBole's loaders are built with
     # until the batch finder has chosen (core/batch_finder.py).
     AUTO_BATCH_DEFAULT: ClassVar[int] = 1024
+    WINDOW_BATCH_DEFAULT: ClassVar[int] = 128
 
     @property
     def initial_train_batch_size(self) -> int:
-        return self.AUTO_BATCH_DEFAULT if self.train_batch_size == "auto" else self.train_batch_size
+        if self.train_batch_size in (None, "auto"):
+            return self.AUTO_BATCH_DEFAULT
+        return int(self.train_batch_size)
+
+    def default_batch(self, windows: bool) -> int:
+        """The batch ``train_batch_size: None`` (and ``auto`` on CPU) means: windows or RecBole rows."""
+        return self.WINDOW_BATCH_DEFAULT if windows else self.AUTO_BATCH_DEFAULT
 
     @field_validator("train_batch_size", mode="before")
     @classmethod
     def _batch_or_auto(cls, v: Any) -> Any:
         # One clear message instead of pydantic's two (one per member of the union).
+        if v is None:
+            return None
         if isinstance(v, str) and v.strip().lower() == "auto":
             return "auto"
         if isinstance(v, str) and v.strip().isdigit():

@@ -133,6 +133,14 @@ class TrainedModel(BaseModel):
     auto_batch: AutoBatch | None = Field(
         default=None, description="train_batch_size=auto: the batch chosen and how; None: the batch was configured"
     )
+    objective: Literal["all_positions", "last_item"] = Field(
+        default="last_item", description="all_positions: windows with a target at every position; last_item: RecBole's rows"
+    )
+    loss: str | None = Field(default=None, description="all_positions: ce, sampled_softmax or gbce")
+    stop_reason: Literal["early stopping", "time budget", "epoch cap"] = Field(
+        default="epoch cap", description="what ended training"
+    )
+    train_rows: int | None = Field(default=None, description="rows (or windows) per epoch")
 
 
 class GateDecision(BaseModel):

@@ -47,6 +47,7 @@ from core.config import PipelineConfig
 from core.dataset import RecBoleData, load_recbole_data
 from core.errors import TrainingError
 from core.records import DatasetSplits, EpochStats, TrainedModel
+from core.seq_objectives import AllPositionLoss, all_position_kind
 
 BEST_CHECKPOINT = "best.pth"
 LATEST_CHECKPOINT = "latest.pth"
@@ -126,6 +127,7 @@ class _RecflowTrainerMixin:
     _micro_sizes_tried: list[int]
     amp_dtype: torch.dtype | None
     last_valid_result: dict[str, float] | None
+    objective_loss: Callable[[Any], Any] | None
 
     # ------------------------------------------------------------------ training
     @property
@@ -194,6 +196,7 @@ class _RecflowTrainerMixin:
         log.warning("%s (effective batch %s unchanged); retrying the epoch", event, self.config["train_batch_size"])
 
     def _run_epoch(self, train_data: Any, epoch_idx: int, loss_func: Any, show_progress: bool) -> Any:
+        loss_func = loss_func or self.objective_loss
         if self.grad_accumulation == 1 and (self.amp_dtype is None or not self._accumulation_supported()):
             if self.amp_dtype is not None:
                 log.warning("training.amp is not supported for %s: training in float32", type(self).__name__)
@@ -376,6 +379,7 @@ def make_trainer(
     min_micro_batch: int = 8,
     amp_dtype: torch.dtype | None = None,
     clip_grad_norm: float | None = None,
+    objective_loss: Callable[[Any], Any] | None = None,
 ) -> Any:
     base = rb.trainer_class(data.config)
     cls = type(f"Recflow{base.__name__}", (_RecflowTrainerMixin, base), {})
@@ -389,6 +393,7 @@ def make_trainer(
     trainer._micro_sizes_tried = []
     trainer.amp_dtype = amp_dtype
     trainer.last_valid_result = None
+    trainer.objective_loss = objective_loss
     if clip_grad_norm is not None:
         trainer.clip_grad_norm = {"max_norm": float(clip_grad_norm)}
     return trainer
@@ -533,6 +538,7 @@ def train(
         use_fast_cpu_dropout(model)
     if config.training.compile:
         compile_model(model)
+    loader, objective_loss = train_loader(config, data, model)
     trainer = make_trainer(
         data,
         model,
@@ -541,6 +547,7 @@ def train(
         min_micro_batch=config.training.min_micro_batch,
         amp_dtype=amp_dtype_for(config.training.amp, device),
         clip_grad_norm=config.training.clip_grad_norm,
+        objective_loss=objective_loss,
     )
     epochs: list[EpochStats] = []
     fingerprint = _resume_fingerprint(config)
@@ -551,7 +558,7 @@ def train(
         if state.get("fingerprint") != fingerprint or not checkpoint.is_file():
             log.warning("ignoring %s: written by a run with another configuration; training from scratch", latest)
         else:
-            trainer.restore_latest(state, data.train)
+            trainer.restore_latest(state, loader)
             epochs = [EpochStats.model_validate(e) for e in state["epochs"]]
             resumed_from = int(state["epoch"])
             finished = bool(state.get("stopped")) or trainer.start_epoch >= trainer.epochs
@@ -564,13 +571,16 @@ def train(
     from core import batch_finder  # here: it imports this module
 
     auto_batch = batch_finder.prepare_train_batch(
-        config.training, data, model, trainer, prior=state.get("auto_batch") if resumed_from is not None else None
+        config.training, data, model, trainer, prior=state.get("auto_batch") if resumed_from is not None else None,
+        loader=loader, loss_fn=objective_loss,
     )
+    budget_s = config.training.max_minutes * 60 if config.training.max_minutes else None
+    stop_reason = ["epoch cap"]
     last_valid = [time.perf_counter()]
 
     def callback(epoch_idx: int, valid_score: float) -> None:
         # RecBole sums batch losses; report the mean so epochs of any batch size compare.
-        loss = trainer.train_loss_dict.get(epoch_idx, float("nan")) / max(len(data.train), 1)
+        loss = trainer.train_loss_dict.get(epoch_idx, float("nan")) / max(len(loader), 1)
         train_s = trainer._epoch_seconds.get(epoch_idx, 0.0)
         stats = EpochStats(
             epoch=epoch_idx,
@@ -587,20 +597,31 @@ def train(
             grad_accumulation=trainer.grad_accumulation,
             valid_result=trainer.last_valid_result,
         )
+        early_stop = trainer.cur_step > trainer.stopping_step
+        spent = sum(e.train_seconds + (e.valid_seconds or 0.0) for e in epochs)
+        over_budget = budget_s is not None and spent >= budget_s and not early_stop
         # Written before anyone hears of the epoch: a crash from here on resumes after it.
         trainer.save_latest(
             latest,
             epoch_idx,
-            data.train,
+            loader,
             {
                 "fingerprint": fingerprint,
                 "epochs": [e.model_dump() for e in epochs],
-                "stopped": trainer.cur_step > trainer.stopping_step,
+                "stopped": early_stop or over_budget,
+                "stop_reason": "early stopping" if early_stop else "time budget" if over_budget else None,
                 "auto_batch": auto_batch.model_dump(mode="json") if auto_batch is not None else None,
             },
         )
         if on_epoch is not None:
             on_epoch(stats)
+        if early_stop:
+            stop_reason[0] = "early stopping"
+        elif over_budget:
+            stop_reason[0] = "time budget"
+            log.warning("training.max_minutes=%g reached after epoch %d: keeping the best epoch",
+                        config.training.max_minutes, epoch_idx)
+            raise _BudgetReached
 
     track = config.tracking
     tracker = tracking.RunTracker(
@@ -622,8 +643,12 @@ def train(
     try:
         if finished:  # the attempt that died had trained every epoch
             best_score = trainer.best_valid_score
+            stop_reason[0] = state.get("stop_reason") or "epoch cap"
         else:
-            best_score, _ = trainer.fit(data.train, data.valid, verbose=False, saved=True, callback_fn=callback)
+            try:
+                best_score, _ = trainer.fit(loader, data.valid, verbose=False, saved=True, callback_fn=callback)
+            except _BudgetReached:
+                best_score = trainer.best_valid_score
         failed = False
     except ValueError as exc:
         if "nan" in str(exc).lower():
@@ -666,4 +691,40 @@ def train(
         gpu_peak_fraction=tracker.gpu_peak_fraction,
         amp=config.training.amp if trainer.amp_dtype is not None else "off",
         auto_batch=auto_batch,
+        objective="all_positions" if objective_loss is not None else "last_item",
+        loss=config.training.loss if objective_loss is not None else None,
+        stop_reason=stop_reason[0],
+        train_rows=loader.sample_size if hasattr(loader, "sample_size") else None,
     )
+
+
+class _BudgetReached(Exception):
+    """Raised from the epoch callback to end ``fit`` when ``training.max_minutes`` is spent."""
+
+
+def train_loader(config: PipelineConfig, data: RecBoleData, model: torch.nn.Module) -> tuple[Any, AllPositionLoss | None]:
+    """What training reads batches from, and the loss that scores them (None: the model's own).
+
+    Sequential models that support it train on all positions of windows cut from the train
+    split (``training.objective: all_positions``); everything else uses RecBole's loader.
+    """
+    from recbole.utils import ModelType
+
+    t = config.training
+    kind = all_position_kind(str(data.config["model"]))
+    if t.objective != "all_positions" or data.config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        return data.train, None
+    if kind is None:
+        log.warning("%s has no all-position objective: training RecBole's last_item way", data.config["model"])
+        return data.train, None
+    from core.window_loader import WindowLoader
+
+    max_len = int(data.config["MAX_ITEM_LIST_LENGTH"])
+    stride = min(t.window_stride or max(max_len // 2, 1), max_len)
+    try:
+        loader = WindowLoader.build(data.config, data.train.dataset, stride, masked=kind == "masked", seed=t.seed)
+    except ValueError as exc:
+        raise TrainingError(f"all-position training: {exc}") from None
+    mask_ratio = float(data.config["mask_ratio"] or 0.2) if kind == "masked" else 0.0
+    loss = AllPositionLoss(model, kind, t.loss, t.negatives, t.gbce_t, mask_ratio=mask_ratio)
+    return loader, loss

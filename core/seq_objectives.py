@@ -1,0 +1,126 @@
+"""All-position training objectives for RecBole's sequential models.
+
+The models stay RecBole's own classes (so export, serving and evaluation are unchanged);
+only the training loss differs from their ``calculate_loss``:
+
+* causal models (SASRec, GRU4Rec): RecBole's ``forward`` runs once per window with every
+  position's output kept, and each position with a target is scored against the catalogue;
+* BERT4Rec: the masked-item objective over whole windows (``mask_ratio`` of the positions,
+  at least one per window, replaced by the mask token and predicted).
+
+Losses (``training.loss``):
+
+* ``ce``: cross-entropy over the full catalogue (the default; SASRec+);
+* ``sampled_softmax``: cross-entropy over the target and ``training.negatives`` items drawn
+  uniformly per batch (shared by its positions; a negative equal to the target is masked);
+* ``gbce``: gSASRec's generalised binary cross-entropy over the same negatives, with the
+  calibration ``training.gbce_t``.
+
+``model.params.loss_type`` (RecBole's CE/BPR) applies to ``training.objective: last_item`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+LossKind = Literal["ce", "sampled_softmax", "gbce"]
+# RecBole model name (lower case) -> how all-position training works for it.
+ALL_POSITION_MODELS: dict[str, str] = {"sasrec": "causal", "gru4rec": "causal", "bert4rec": "masked"}
+INPUTS, TARGETS, LENGTHS = "window_items", "window_targets", "window_length"
+
+
+def all_position_kind(model_name: str) -> str | None:
+    """``causal``/``masked`` when ``model_name`` can be trained on all positions, else None."""
+    return ALL_POSITION_MODELS.get(model_name.lower())
+
+
+@contextlib.contextmanager
+def _every_position(model: torch.nn.Module) -> Iterator[None]:
+    """Make RecBole's ``gather_indexes`` (which picks the last position) keep all of them."""
+    model.gather_indexes = lambda output, _index: output  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.gather_indexes
+
+
+def _catalogue(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output item embeddings ([n_items, H], row 0 = padding) and the output bias, if any."""
+    n_items = int(model.n_items)  # type: ignore[arg-type]
+    weight = model.item_embedding.weight[:n_items]  # BERT4Rec has one more row: its mask token
+    return weight, getattr(model, "output_bias", None)
+
+
+class AllPositionLoss:
+    """``loss(interaction)`` for one batch of windows; the trainer's ``loss_func``."""
+
+    def __init__(self, model: torch.nn.Module, kind: str, loss: LossKind = "ce", negatives: int = 256,
+                 gbce_t: float = 0.75, mask_ratio: float = 0.2) -> None:
+        self.model, self.kind, self.loss = model, kind, loss
+        self.negatives, self.gbce_t, self.mask_ratio = negatives, gbce_t, mask_ratio
+        self.n_items = int(model.n_items)  # type: ignore[arg-type]
+
+    def __call__(self, interaction: Any) -> torch.Tensor:
+        items, targets = interaction[INPUTS], interaction[TARGETS]
+        if self.kind == "masked":
+            hidden, targets = self._masked_hidden(items)
+        else:
+            with _every_position(self.model):
+                hidden = self.model(items, interaction[LENGTHS])  # type: ignore[operator]
+        keep = targets > 0
+        return self.score(hidden[keep], targets[keep])
+
+    def _masked_hidden(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = items > 0
+        masked = present & (torch.rand(items.shape, device=items.device) < self.mask_ratio)
+        # A window with nothing masked would train nothing: mask its newest item.
+        last = present.sum(1) - 1
+        none = ~masked.any(1)
+        masked[none, last[none]] = True
+        inputs = torch.where(masked, torch.full_like(items, self.n_items), items)  # n_items: BERT4Rec's mask token
+        return self.model(inputs), torch.where(masked, items, torch.zeros_like(items))  # type: ignore[operator]
+
+    def score(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss for ``hidden`` [N, H] predicting ``targets`` [N]."""
+        weight, bias = _catalogue(self.model)
+        if self.loss == "ce":
+            logits = hidden @ weight.T
+            if bias is not None:
+                logits = logits + bias
+            logits[:, 0] = float("-inf")  # padding is never an answer
+            return F.cross_entropy(logits, targets)
+        negatives = torch.randint(1, self.n_items, (self.negatives,), device=hidden.device)
+        pos = (hidden * weight[targets]).sum(-1, keepdim=True)
+        neg = hidden @ weight[negatives].T
+        if bias is not None:
+            pos, neg = pos + bias[targets].unsqueeze(-1), neg + bias[negatives]
+        hit = negatives.unsqueeze(0) == targets.unsqueeze(1)
+        if self.loss == "sampled_softmax":
+            logits = torch.cat([pos, neg.masked_fill(hit, float("-inf"))], dim=1)
+            return F.cross_entropy(logits, torch.zeros_like(targets))
+        return gbce(pos, neg, hit, n_items=self.n_items, t=self.gbce_t)
+
+
+def gbce(pos: torch.Tensor, neg: torch.Tensor, hit: torch.Tensor, *, n_items: int, t: float) -> torch.Tensor:
+    """gSASRec's gBCE (Petrov & Macdonald, RecSys 2023): BCE whose positive probability is raised to ``beta``.
+
+    ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)`` with ``alpha`` the sampling rate
+    ``k / (n_items - 1)``; ``t = 0`` is plain BCE, ``t = 1`` fully calibrated. Negatives that
+    are the target (``hit``) are left out.
+    """
+    k = neg.shape[1]
+    alpha = k / max(n_items - 2, 1)  # item 0 is padding: n_items - 1 real items, minus the target
+    beta = alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+    eps = 1e-10
+    p = torch.sigmoid(pos.double()).clamp(eps, 1 - eps)
+    # log(sigmoid(pos)^beta) as a logit: log(1 / (p^-beta - 1)).
+    pos_logit = torch.log((1.0 / (p.pow(-beta) - 1.0).clamp_min(eps)).clamp_min(eps))
+    pos_loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit), reduction="sum")
+    neg_loss = F.binary_cross_entropy_with_logits(neg.double(), torch.zeros_like(neg, dtype=torch.float64),
+                                                  weight=(~hit).double(), reduction="sum")
+    return ((pos_loss + neg_loss) / (pos.shape[0] * (1 + k))).to(pos.dtype)
