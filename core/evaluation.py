@@ -49,6 +49,62 @@ def ranking_metrics(data: RecBoleData, model: torch.nn.Module, checkpoint: Path)
     return _as_floats(valid), _as_floats(test)
 
 
+def seen_items(data: RecBoleData, *, with_valid: bool) -> Any:
+    """A (users x items) scipy CSR matrix of what each user interacted with before the held-out item.
+
+    Train items (every train row's first history item and target), plus the valid item when
+    scoring the test split.
+    """
+    import scipy.sparse as sp
+
+    ds = data.dataset
+    parts = []
+    train = data.train.dataset.inter_feat
+    uid, iid = ds.uid_field, ds.iid_field
+    parts.append((train[uid].numpy(), train[iid].numpy()))
+    list_field = getattr(ds, "item_id_list_field", None)
+    if list_field is not None and list_field in train.interaction:
+        parts.append((train[uid].numpy(), train[list_field][:, 0].numpy()))
+    if with_valid:
+        valid = data.valid.dataset.inter_feat
+        parts.append((valid[uid].numpy(), valid[iid].numpy()))
+    users = np.concatenate([u for u, _ in parts])
+    items = np.concatenate([i for _, i in parts])
+    matrix = sp.csr_matrix((np.ones(users.size, dtype=np.float32), (users, items)), shape=(ds.user_num, ds.item_num))
+    matrix.sum_duplicates()
+    return matrix
+
+
+def seen_masked_metrics(data: RecBoleData, model: torch.nn.Module, checkpoint: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(valid, test) metrics of a sequential model with already-seen items never recommended.
+
+    RecBole masks a user's history only for general models (EASE, BPR); sequential models are
+    scored over the whole catalogue. Masking them too puts both on one footing, and it is how
+    ``recflow serve`` answers by default (``exclude_seen``).
+    """
+    original = model.full_sort_predict  # type: ignore[attr-defined]
+    uid = data.dataset.uid_field
+    results = []
+    for eval_data, with_valid in ((data.valid, False), (data.test, True)):
+        seen = seen_items(data, with_valid=with_valid)
+
+        def masked(interaction: Any, _seen: Any = seen) -> torch.Tensor:
+            scores = original(interaction)
+            rows, cols = _seen[interaction[uid].cpu().numpy()].nonzero()
+            scores = scores.view(len(interaction), -1)
+            scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)] = -torch.inf
+            return scores
+
+        model.full_sort_predict = masked  # type: ignore[method-assign]
+        trainer = make_trainer(data, model, checkpoint)
+        try:
+            results.append(_as_floats(trainer.evaluate(eval_data, load_best_model=False)))
+        finally:
+            trainer.tensorboard.close()
+            del model.full_sort_predict
+    return results[0], results[1]
+
+
 def popularity_baseline(data: RecBoleData, checkpoint_dir: Path) -> dict[str, float]:
     """Test metrics of RecBole's Pop model on the candidate's own loaders.
 
@@ -233,12 +289,15 @@ def evaluate(
     data = load_recbole_data(config, splits, checkpoint_dir)
     model = load_trained(data, trained.checkpoint)
     rating = config.evaluation.task == "rating"
+    test_seen_masked = None
     if rating:
         valid, test = rating_metrics(data, model)
         baseline = mean_rating_baseline(data)
     else:
         valid, test = ranking_metrics(data, model, trained.checkpoint)
         baseline = popularity_baseline(data, checkpoint_dir)
+        if _is_sequential(data):
+            _, test_seen_masked = seen_masked_metrics(data, model, trained.checkpoint)
     champion_version = champion_card.get("version") if champion_card else None
     champion_metrics, note = _champion_metrics(champion_card, champion_dir, splits, data, checkpoint_dir, rating)
     gate = decide(
@@ -256,10 +315,16 @@ def evaluate(
     path = run_dir / METRICS_FILE
     result = Evaluation(
         test=test, valid=valid, baseline=baseline, champion=champion_metrics, gate=gate, metrics_path=path,
-        task=config.evaluation.task,
+        task=config.evaluation.task, test_seen_masked=test_seen_masked,
     )
     path.write_text(json.dumps(result.model_dump(mode="json", exclude={"metrics_path"}), indent=2))
     return result
+
+
+def _is_sequential(data: RecBoleData) -> bool:
+    from recbole.utils import ModelType
+
+    return data.config["MODEL_TYPE"] == ModelType.SEQUENTIAL
 
 
 def _champion_metrics(

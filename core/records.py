@@ -163,6 +163,10 @@ class Evaluation(BaseModel):
     task: Literal["ranking", "rating"] = Field(
         default="ranking", description="ranking: top-k metrics vs Pop; rating: RMSE/MAE vs the train mean rating"
     )
+    test_seen_masked: dict[str, float] | None = Field(
+        default=None, description="sequential models: test metrics with already-seen items masked (as EASE/BPR "
+        "are scored, and as serving answers by default); `test` leaves them in, as RecBole does",
+    )
 
 
 class ExportedModel(BaseModel):

@@ -13,8 +13,9 @@ no valid or test item can be in it).
 Windows are cut back from the newest item with a stride ``stride <= max_len``: window ``k``
 ends at target ``e_k = (m - 1) - k * stride`` and holds up to ``max_len`` inputs before it.
 Each target is trained in exactly one window, the one where it is among the last ``stride``
-positions, so every target sees at least ``max_len - stride`` items of context (or all of its
-history when that is shorter): evaluation scores a user's next item after the last
+positions (the oldest window, which starts at the sequence's first item, trains all it holds),
+so every target sees at least ``max_len - stride`` items of context (or all of its history
+when that is shorter): evaluation scores a user's next item after the last
 ``max_len`` items, and targets trained with short contexts only would not match that.
 Windows are left-aligned (position 0 = the window's first item, padding 0 at the end), as
 RecBole pads its sequences.
@@ -101,12 +102,14 @@ def cut_windows(sequences: Sequences, max_len: int, stride: int, *, keep_all_tar
         raise ValueError(f"stride must be in 1..{max_len}, got {stride}")
     lengths = sequences.lengths
     n_targets = np.maximum(lengths - 1, 0)
-    per_user = -(-n_targets // stride)  # ceil
+    # Windows step back by stride until one reaches the sequence's start (end <= max_len): that one
+    # trains every target it holds.
+    per_user = np.where(n_targets > 0, 1 + -(-np.maximum(n_targets - max_len, 0) // stride), 0)
     user = np.repeat(np.arange(lengths.size), per_user)
     k = np.arange(user.size) - np.repeat(np.cumsum(per_user) - per_user, per_user)
     end = n_targets[user] - k * stride  # the newest target index in the user's sequence
     start = np.maximum(end - max_len, 0)  # first input index
-    oldest = (end - stride < 1) | keep_all_targets
+    oldest = (start == 0) | keep_all_targets
     first_trained = np.where(oldest, 1, end - stride + 1)  # oldest window: every target it holds
     pos = np.arange(max_len)
     input_idx = start[:, None] + pos[None, :]
@@ -119,3 +122,19 @@ def cut_windows(sequences: Sequences, max_len: int, stride: int, *, keep_all_tar
     trained = valid & (target_idx >= first_trained[:, None])
     targets = np.where(trained, flat[np.where(trained, base + target_idx, 0)], 0)
     return Windows(inputs.astype(np.int64), targets.astype(np.int64), n_inputs.astype(np.int64))
+
+
+def item_windows(sequences: Sequences, max_len: int, stride: int) -> np.ndarray:
+    """Windows of up to ``max_len`` consecutive items, newest first, ``stride`` apart (BERT4Rec's input).
+
+    Every item of every sequence is in at least one window; ``[windows, max_len]``, left-aligned.
+    """
+    # The items as next-item targets of a sequence with one placeholder in front.
+    lengths = sequences.lengths
+    offsets = sequences.offsets + np.arange(lengths.size + 1)
+    items = np.zeros(int(offsets[-1]), dtype=np.int64)
+    keep = np.ones(items.size, dtype=bool)
+    keep[offsets[:-1]] = False
+    items[keep] = sequences.items
+    items[~keep] = -1  # never read as a target
+    return cut_windows(Sequences(offsets, items), max_len, stride, keep_all_targets=True).targets

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from core.seq_objectives import INPUTS, LENGTHS, TARGETS
-from core.sequence_windows import Windows, cut_windows, sequences_from_train_rows
+from core.sequence_windows import Windows, cut_windows, item_windows, sequences_from_train_rows
 
 log = logging.getLogger("recflow.training")
 
@@ -40,12 +40,10 @@ def windows_from_train_split(train_dataset: Any, max_len: int, stride: int, *, m
     seqs = sequences_from_train_rows(
         feat[uid].numpy(), feat[train_dataset.item_id_list_field][:, 0].numpy(), feat[iid].numpy()
     )
-    windows = cut_windows(seqs, max_len, stride)
     if not masked:
-        return windows
-    # The newest max_len items of each window: its targets, every one kept.
-    every = cut_windows(seqs, max_len, stride, keep_all_targets=True)
-    return Windows(every.targets, np.zeros_like(every.targets), every.lengths)
+        return cut_windows(seqs, max_len, stride)
+    items = item_windows(seqs, max_len, stride)
+    return Windows(items, np.zeros_like(items), (items > 0).sum(1))
 
 
 class WindowLoader:
