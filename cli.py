@@ -330,15 +330,35 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("synth")
 def data_synth(
-    users: Annotated[int, typer.Option("--users", min=2, help="learners to generate")] = 300,
-    out: Annotated[Path, typer.Option("--out", help="CSV or Parquet file to write")] = Path("question_attempts.csv"),
+    users: Annotated[int, typer.Option("--users", help="learners to generate (at least 2)")] = 300,
+    out: Annotated[Path, typer.Option("--out", help="CSV or Parquet file to write (by extension)")] = Path("question_attempts.csv"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    questions: Annotated[int, typer.Option("--questions", help="questions in the bank, spread over 20 subtopics")] = 160,
+    attempts_per_user: Annotated[float, typer.Option("--attempts-per-user", help="mean attempts per learner (spread 0.4x to 1.6x)")] = 37.5,
 ) -> None:
-    """Write question_attempts-shaped data with learnable curricula, for demos and tests."""
-    from core.sources.synthetic import write_synthetic
+    """Write question_attempts-shaped data with learnable curricula, for demos, tests and benchmarks.
 
-    rows = write_synthetic(users, out, seed=seed)
-    typer.echo(f"wrote {rows} question attempts by {users} learners to {out}")
+    Realistic size: --users 22000 --questions 8000 --attempts-per-user 39 (about 860k attempts).
+    """
+    from core.errors import RecflowError
+    from core.sources.synthetic import write_question_bank
+
+    if users < 2:
+        _fail(f"--users must be at least 2, got {users}")
+    if questions < 1:
+        _fail(f"--questions must be at least 1, got {questions}")
+    if not attempts_per_user >= 1:  # also NaN
+        _fail(f"--attempts-per-user must be at least 1, got {attempts_per_user}")
+    try:
+        written = write_question_bank(users, out, seed=seed, questions=questions, attempts_per_user=attempts_per_user)
+    except RecflowError as exc:
+        _fail(str(exc))
+        return
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror or exc}")
+        return
+    typer.echo(f"wrote {written.rows} question attempts by {written.learners} learners "
+               f"over {written.questions} questions (bank of {written.bank_size}) to {out}")
     typer.echo(f"train on it: recflow run --config configs/question-attempts.yaml --data {out}")
 
 

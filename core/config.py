@@ -47,6 +47,8 @@ class SourceConfig(_Strict):
     page_size: int = Field(default=1000, ge=1, le=1000, description="Supabase page size (hosted cap: 1000)")
     synthetic_users: int = Field(default=300, ge=2, description="learners generated (kind=synthetic)")
     synthetic_seed: int = 0
+    synthetic_questions: int = Field(default=160, ge=1, description="questions in the bank (kind=synthetic)")
+    synthetic_attempts_per_user: float = Field(default=37.5, ge=1, description="mean attempts per learner (kind=synthetic)")
 
     @model_validator(mode="after")
     def _needs(self) -> "SourceConfig":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,12 +23,16 @@ from core.sources.synthetic import (
     EXTRA_COLUMNS,
     SyntheticSource,
     _simulate,
+    attempts_range,
     curriculum,
     generate_question_attempts,
+    subtopic_sizes,
+    write_question_bank,
     write_synthetic,
 )
 
 UTC = timezone.utc
+REPO = Path(__file__).resolve().parents[2]
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 EXPECTED_SCHEMA = {
     "user_id": pl.String,
@@ -42,6 +50,26 @@ EXPECTED_SCHEMA = {
 def big() -> tuple[pl.DataFrame, np.ndarray]:
     """2000 learners (about 75k attempts) and their latent abilities."""
     return _simulate(2000, 7, questions_per_subtopic=8, start=None)
+
+# Fingerprints of the generator before `questions` / `attempts_per_user` existed (recorded from
+# that code): the defaults must keep producing exactly this data.
+LEGACY = {
+    (50, 0): (1852, "84d88f099df198b9ad2b571a577d908e1fed5de0a63b5e1fd49a8460a732da4c"),
+    (120, 5): (4427, "28c596814571e6faf921edaf99ce96d75cacc36a348b543a4aec282da5e13b82"),
+}
+
+
+def _fingerprint(frame: pl.DataFrame) -> str:
+    h = hashlib.sha256()
+    for col in frame.columns:
+        s = frame.get_column(col)
+        if s.dtype == pl.String:
+            h.update("\n".join(s.to_list()).encode())
+        elif s.dtype == pl.Datetime("us", "UTC"):
+            h.update(s.dt.epoch("us").to_numpy().astype("<i8").tobytes())
+        else:
+            h.update(s.to_numpy().tobytes())
+    return h.hexdigest()
 
 
 def _in_time_order(frame: pl.DataFrame) -> pl.DataFrame:
@@ -241,3 +269,140 @@ def test_write_synthetic_rejects_unknown_suffix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\.csv or \.parquet"):
         write_synthetic(10, tmp_path / "attempts.json")
     assert not (tmp_path / "attempts.json").exists()
+
+
+@pytest.mark.parametrize(("users", "seed"), sorted(LEGACY))
+def test_defaults_reproduce_the_original_generator(users: int, seed: int) -> None:
+    rows, digest = LEGACY[(users, seed)]
+    default = generate_question_attempts(users, seed=seed)
+    assert (default.height, _fingerprint(default)) == (rows, digest)
+    # the defaults spelled out are the same data
+    explicit = generate_question_attempts(users, seed=seed, questions=160, attempts_per_user=37.5)
+    assert explicit.equals(default)
+    source = SyntheticSource(SourceConfig(kind="synthetic", synthetic_users=users, synthetic_seed=seed))
+    assert source.scan().collect().height == rows
+
+
+@pytest.mark.parametrize("questions", [1, 7, 20, 161, 1234])
+def test_questions_sets_the_bank_size_exactly(questions: int) -> None:
+    sizes = subtopic_sizes(questions=questions)
+    assert sum(sizes) == questions and max(sizes) - min(sizes) <= 1
+    cur = curriculum(questions=questions)
+    assert cur.height == questions and cur.get_column("question_id").n_unique() == questions
+    # difficulty still rises within every subtopic
+    ordered = cur.group_by("subtopic", maintain_order=True).agg(pl.col("difficulty_level"))
+    for levels in ordered.get_column("difficulty_level").to_list():
+        assert levels == sorted(levels) and 1 <= levels[0] <= levels[-1] <= 5
+
+    frame = generate_question_attempts(40, seed=2, questions=questions, attempts_per_user=10)
+    present = set(frame.get_column("question_id").unique())
+    assert present <= set(cur.get_column("question_id"))
+    joined = frame.join(cur, on="question_id", how="left", suffix="_cur")
+    assert (joined.get_column("difficulty_level") == joined.get_column("difficulty_level_cur")).all()
+
+
+def test_enough_attempts_visit_the_whole_bank() -> None:
+    frame = generate_question_attempts(400, seed=1, questions=400, attempts_per_user=40)
+    assert frame.get_column("question_id").n_unique() > 0.95 * 400
+
+
+@pytest.mark.parametrize("mean", [1, 2.5, 5, 12, 37.5, 39, 80])
+def test_attempts_per_user_sets_the_mean(mean: float) -> None:
+    lo, hi = attempts_range(mean)
+    assert 1 <= lo <= hi and abs((lo + hi) / 2 - mean) <= 0.25
+    frame = generate_question_attempts(1500, seed=9, questions=300, attempts_per_user=mean)
+    per_user = frame.group_by("user_id").len().get_column("len")
+    assert per_user.len() == 1500
+    assert per_user.min() >= lo and per_user.max() <= hi  # type: ignore[operator]
+    assert abs(per_user.mean() - mean) <= 0.03 * mean + 0.1  # type: ignore[operator]
+    if mean >= 5:
+        assert per_user.std() > 0.1 * mean  # type: ignore[operator]  # a spread, not a constant
+
+
+def test_sized_bank_is_deterministic_per_seed() -> None:
+    a = generate_question_attempts(60, seed=3, questions=500, attempts_per_user=20)
+    b = generate_question_attempts(60, seed=3, questions=500, attempts_per_user=20)
+    c = generate_question_attempts(60, seed=4, questions=500, attempts_per_user=20)
+    assert a.equals(b) and not a.equals(c)
+
+
+def test_large_bank_stays_sequential() -> None:
+    questions = 2000
+    frame = generate_question_attempts(1500, seed=0, questions=questions, attempts_per_user=30)
+    cur = curriculum(questions=questions).select("question_id", "position")
+    seq = (
+        frame.join(cur, on="question_id")
+        .with_columns(pl.col("position").shift(-1).over("user_id").alias("next"))
+        .drop_nulls("next")
+    )
+    step = ((seq.get_column("next") - seq.get_column("position")) % questions).to_numpy()
+    assert 0.6 < (step == 1).mean() < 0.95  # mostly the next question in the curriculum
+    assert (step == 0).mean() > 0.05  # retries
+    # the next question is far more predictable than the most popular question
+    top_share = frame.get_column("question_id").value_counts().get_column("count").max() / frame.height
+    assert top_share < 0.05
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"questions": 0}, "at least 1 question"),
+        ({"questions": -3}, "at least 1 question"),
+        ({"attempts_per_user": 0.5}, ">= 1"),
+        ({"attempts_per_user": float("nan")}, ">= 1"),
+        ({"questions": 10, "questions_per_subtopic": 2}, "not both"),
+    ],
+)
+def test_nonsense_sizes_are_config_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        generate_question_attempts(5, **kwargs)
+
+
+def test_write_question_bank_reports_what_it_wrote(tmp_path: Path) -> None:
+    out = tmp_path / "bank.parquet"
+    written = write_question_bank(30, out, seed=1, questions=50, attempts_per_user=8)
+    back = pl.read_parquet(out)
+    assert written.rows == back.height
+    assert written.learners == back.get_column("user_id").n_unique() == 30
+    assert written.questions == back.get_column("question_id").n_unique() <= 50
+    assert written.bank_size == 50
+    assert write_synthetic(30, tmp_path / "bank.csv", seed=1, questions=50, attempts_per_user=8) == written.rows
+
+
+def test_cli_data_synth(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "bank.csv"
+    args = ["data", "synth", "--users", "40", "--questions", "100", "--attempts-per-user", "12", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    frame = pl.read_csv(out)
+    assert frame.get_column("user_id").n_unique() == 40
+    present = frame.get_column("question_id").n_unique()
+    summary = f"wrote {frame.height} question attempts by 40 learners over {present} questions (bank of 100)"
+    assert summary in result.output
+    expected = generate_question_attempts(40, questions=100, attempts_per_user=12)
+    keys = ["user_id", "question_id", "is_correct", "topic", "subtopic"]
+    assert frame.select(keys).equals(expected.select(keys))
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--questions", "0"], "--questions must be at least 1"),
+        (["--attempts-per-user", "0"], "--attempts-per-user must be at least 1"),
+        (["--users", "1"], "--users must be at least 2"),
+        (["--out", "bank.json"], ".csv or .parquet"),
+    ],
+)
+def test_cli_data_synth_rejects_nonsense(tmp_path: Path, args: list[str], needle: str) -> None:
+    cmd = [sys.executable, "-m", "cli", "data", "synth", "--out", str(tmp_path / "bank.csv"), *args]
+    env = {**os.environ, "RECFLOW_NO_REEXEC": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not any(tmp_path.iterdir())
