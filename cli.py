@@ -181,7 +181,7 @@ def _run_pipeline(cfg: Any, summary: dict[str, Any]) -> int:
             status=result.status,
             stage=result.stage,
             error=None,
-            metrics={"test": result.metrics.get("test", {}), "baseline": result.metrics.get("baseline", {})},
+            metrics={k: result.metrics[k] for k in ("test", "baseline", "test_seen_masked") if k in result.metrics},
             model_version=result.model_version,
             registry=str(result.registry),
             champion=result.champion,
@@ -216,8 +216,12 @@ def _print_result(result: Any) -> None:
     table.add_column("metric")
     table.add_column("candidate", justify="right")
     table.add_column("train-mean baseline" if rating else "Pop baseline", justify="right")
+    masked = result.metrics.get("test_seen_masked")
+    if masked:  # sequential models: also scored as EASE/BPR are, seen items never recommended
+        table.add_column("candidate, seen masked", justify="right")
     for key, value in test.items():
-        table.add_row(key, f"{value:.4f}", f"{base.get(key, float('nan')):.4f}")
+        extra = [f"{masked.get(key, float('nan')):.4f}"] if masked else []
+        table.add_row(key, f"{value:.4f}", f"{base.get(key, float('nan')):.4f}", *extra)
     console.print(table)
     gate = result.gate
     verdict = "[green]PROMOTED[/green]" if result.status == "promoted" else "[yellow]REJECTED[/yellow]"

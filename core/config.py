@@ -145,7 +145,7 @@ class TrainingConfig(_Strict):
     # budget that keeps the best epoch. Figures behind the defaults: benchmarks/README.md.
     epochs: int = Field(default=200, ge=1, description="epoch cap; early stopping normally ends training first")
     max_minutes: float | None = Field(
-        default=4.0, gt=0, description="training wall-time budget (train + valid epochs): training ends cleanly "
+        default=15.0, gt=0, description="training wall-time budget (train + valid epochs): training ends cleanly "
         "after the epoch that crosses it and keeps the best epoch; None: no budget",
     )
     objective: Literal["all_positions", "last_item"] = Field(

@@ -53,6 +53,10 @@ def build_card(
             "epochs_run": len(trained.epochs),
             "best_epoch": trained.best_epoch,
             "best_valid_score": trained.best_valid_score,
+            "objective": trained.objective,
+            "loss": trained.loss,
+            "stop_reason": trained.stop_reason,
+            "train_rows": trained.train_rows,
             "valid_metric": trained.valid_metric,
             "train_batch_size": trained.train_batch_size,
             "micro_batch_size": trained.micro_batch_size,
@@ -79,7 +83,10 @@ def _metrics_section(evaluation: Evaluation) -> dict[str, Any]:
         # RMSE/MAE on the original rating scale; the baseline predicts the mean training rating.
         return {"task": "rating", "test": evaluation.test, "valid": evaluation.valid,
                 "baseline_train_mean": evaluation.baseline}
-    return {"test": evaluation.test, "valid": evaluation.valid, "baseline_pop": evaluation.baseline}
+    section = {"test": evaluation.test, "valid": evaluation.valid, "baseline_pop": evaluation.baseline}
+    if evaluation.test_seen_masked is not None:
+        section["test_seen_masked"] = evaluation.test_seen_masked
+    return section
 
 
 def write_card(card: dict[str, Any], path: Path) -> Path:

@@ -6,7 +6,8 @@ only the training loss differs from their ``calculate_loss``:
 * causal models (SASRec, GRU4Rec): RecBole's ``forward`` runs once per window with every
   position's output kept, and each position with a target is scored against the catalogue;
 * BERT4Rec: the masked-item objective over whole windows (``mask_ratio`` of the positions,
-  at least one per window, replaced by the mask token and predicted).
+  at least one per window, replaced by the mask token and predicted; drawn by the loader with
+  its own generator, so a resumed or accumulated run masks exactly as an uninterrupted one).
 
 Losses (``training.loss``):
 
@@ -60,30 +61,20 @@ class AllPositionLoss:
     """``loss(interaction)`` for one batch of windows; the trainer's ``loss_func``."""
 
     def __init__(self, model: torch.nn.Module, kind: str, loss: LossKind = "ce", negatives: int = 256,
-                 gbce_t: float = 0.75, mask_ratio: float = 0.2) -> None:
+                 gbce_t: float = 0.75) -> None:
         self.model, self.kind, self.loss = model, kind, loss
-        self.negatives, self.gbce_t, self.mask_ratio = negatives, gbce_t, mask_ratio
+        self.negatives, self.gbce_t = negatives, gbce_t
         self.n_items = int(model.n_items)  # type: ignore[arg-type]
 
     def __call__(self, interaction: Any) -> torch.Tensor:
         items, targets = interaction[INPUTS], interaction[TARGETS]
-        if self.kind == "masked":
-            hidden, targets = self._masked_hidden(items)
+        if self.kind == "masked":  # the loader masked the inputs (mask_items)
+            hidden = self.model(items)  # type: ignore[operator]
         else:
             with _every_position(self.model):
                 hidden = self.model(items, interaction[LENGTHS])  # type: ignore[operator]
         keep = targets > 0
         return self.score(hidden[keep], targets[keep])
-
-    def _masked_hidden(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        present = items > 0
-        masked = present & (torch.rand(items.shape, device=items.device) < self.mask_ratio)
-        # A window with nothing masked would train nothing: mask its newest item.
-        last = present.sum(1) - 1
-        none = ~masked.any(1)
-        masked[none, last[none]] = True
-        inputs = torch.where(masked, torch.full_like(items, self.n_items), items)  # n_items: BERT4Rec's mask token
-        return self.model(inputs), torch.where(masked, items, torch.zeros_like(items))  # type: ignore[operator]
 
     def score(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The batch's mean loss for ``hidden`` [N, H] predicting ``targets`` [N]."""
@@ -104,6 +95,32 @@ class AllPositionLoss:
             logits = torch.cat([pos, neg.masked_fill(hit, float("-inf"))], dim=1)
             return F.cross_entropy(logits, torch.zeros_like(targets))
         return gbce(pos, neg, hit, n_items=self.n_items, t=self.gbce_t)
+
+
+def mask_items(items: torch.Tensor, ratio: float, mask_token: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT4Rec's masked-item inputs: (inputs with masked items replaced by ``mask_token``, targets).
+
+    Each item is masked with probability ``ratio``; a window with nothing masked gets its
+    newest item masked, so every window trains something. Targets are 0 where not masked.
+    """
+    present = items > 0
+    masked = present & (torch.rand(items.shape, generator=generator) < ratio)
+    none = ~masked.any(1) & present.any(1)
+    last = present.sum(1) - 1
+    masked[none, last[none]] = True
+    return torch.where(masked, torch.full_like(items, mask_token), items), torch.where(masked, items, 0)
+
+
+def target_share(part: Any, whole: Any) -> float | None:
+    """The share of ``whole``'s trained positions that lie in ``part`` (None: not a window batch).
+
+    Losses are means over positions, so gradient accumulation weights each micro-batch by this
+    share, not by its share of windows (windows hold different numbers of targets).
+    """
+    if TARGETS not in whole.interaction:
+        return None
+    total = int((whole[TARGETS] > 0).sum())
+    return int((part[TARGETS] > 0).sum()) / total if total else 0.0
 
 
 def gbce(pos: torch.Tensor, neg: torch.Tensor, hit: torch.Tensor, *, n_items: int, t: float) -> torch.Tensor:

@@ -47,7 +47,7 @@ from core.config import PipelineConfig
 from core.dataset import RecBoleData, load_recbole_data
 from core.errors import TrainingError
 from core.records import DatasetSplits, EpochStats, TrainedModel
-from core.seq_objectives import AllPositionLoss, all_position_kind
+from core.seq_objectives import AllPositionLoss, all_position_kind, target_share
 
 BEST_CHECKPOINT = "best.pth"
 LATEST_CHECKPOINT = "latest.pth"
@@ -229,9 +229,10 @@ class _RecflowTrainerMixin:
             rows = len(interaction)
             for lo in range(0, rows, micro):
                 part = interaction[lo : lo + micro]
-                # The models' losses are batch means: weighting by the share of rows makes the
-                # summed gradient (and the reported loss) the whole batch's.
-                weight = len(part) / rows
+                # The models' losses are batch means: weighting by the share of rows (of trained
+                # positions, for windows) makes the summed gradient and the reported loss the whole batch's.
+                share = target_share(part, interaction)
+                weight = share if share is not None else len(part) / rows
                 if dtype is not None:
                     with torch.autocast(device_type=self.device.type, dtype=dtype):
                         losses = loss_func(part)
@@ -721,10 +722,10 @@ def train_loader(config: PipelineConfig, data: RecBoleData, model: torch.nn.Modu
 
     max_len = int(data.config["MAX_ITEM_LIST_LENGTH"])
     stride = min(t.window_stride or max(max_len // 2, 1), max_len)
+    # BERT4Rec: its mask_ratio, and its mask token (the id after the last item).
+    mask = (float(data.config["mask_ratio"] or 0.2), int(model.n_items)) if kind == "masked" else None
     try:
-        loader = WindowLoader.build(data.config, data.train.dataset, stride, masked=kind == "masked", seed=t.seed)
+        loader = WindowLoader.build(data.config, data.train.dataset, stride, seed=t.seed, mask=mask)
     except ValueError as exc:
         raise TrainingError(f"all-position training: {exc}") from None
-    mask_ratio = float(data.config["mask_ratio"] or 0.2) if kind == "masked" else 0.0
-    loss = AllPositionLoss(model, kind, t.loss, t.negatives, t.gbce_t, mask_ratio=mask_ratio)
-    return loader, loss
+    return loader, AllPositionLoss(model, kind, t.loss, t.negatives, t.gbce_t)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.seq_objectives import INPUTS, LENGTHS, TARGETS
+from core.seq_objectives import INPUTS, LENGTHS, TARGETS, mask_items
 from core.sequence_windows import Windows, cut_windows, item_windows, sequences_from_train_rows
 
 log = logging.getLogger("recflow.training")
@@ -49,7 +49,8 @@ def windows_from_train_split(train_dataset: Any, max_len: int, stride: int, *, m
 class WindowLoader:
     """Batches of ``train_batch_size`` windows, reshuffled every epoch by ``generator``."""
 
-    def __init__(self, config: Any, train_dataset: Any, windows: Windows, seed: int) -> None:
+    def __init__(self, config: Any, train_dataset: Any, windows: Windows, seed: int,
+                 mask: tuple[float, int] | None = None) -> None:
         from recbole.data.interaction import Interaction
 
         self._interaction = Interaction
@@ -59,6 +60,7 @@ class WindowLoader:
         self.shuffle = True
         self.neg_sample_args = {"distribution": "none"}
         self.generator = torch.Generator().manual_seed(seed)
+        self.mask = mask  # (mask_ratio, mask token): BERT4Rec's masked-item inputs
         self._tensors = (
             torch.from_numpy(windows.inputs),
             torch.from_numpy(windows.targets),
@@ -67,7 +69,9 @@ class WindowLoader:
         self._init_batch_size_and_step()
 
     @classmethod
-    def build(cls, config: Any, train_dataset: Any, stride: int, *, masked: bool, seed: int) -> "WindowLoader":
+    def build(cls, config: Any, train_dataset: Any, stride: int, *, seed: int,
+              mask: tuple[float, int] | None = None) -> "WindowLoader":
+        masked = mask is not None
         start = time.perf_counter()
         windows = windows_from_train_split(train_dataset, int(config["MAX_ITEM_LIST_LENGTH"]), stride, masked=masked)
         if len(windows) == 0:
@@ -76,7 +80,7 @@ class WindowLoader:
             "all-position training: %d windows of <= %d items, %d targets (stride %d), built in %.2f s",
             len(windows), windows.inputs.shape[1], windows.trained_targets, stride, time.perf_counter() - start,
         )
-        return cls(config, train_dataset, windows, seed)
+        return cls(config, train_dataset, windows, seed, mask)
 
     @property
     def sample_size(self) -> int:
@@ -92,6 +96,8 @@ class WindowLoader:
         index = torch.as_tensor(index, dtype=torch.long)
         inputs, targets, lengths = (t[index] for t in self._tensors)
         width = max(int(lengths.max()), 1) if len(index) else 1  # trim padding every row shares
+        if self.mask is not None:
+            inputs, targets = mask_items(inputs, self.mask[0], self.mask[1], self.generator)
         return self._interaction({INPUTS: inputs[:, :width], TARGETS: targets[:, :width], LENGTHS: lengths})
 
     def __iter__(self) -> Iterator[Any]:

@@ -68,7 +68,8 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResu
         status="promoted" if promotion.promoted else "rejected",
         stage="deploy",
         run_dir=run_dir,
-        metrics={"test": evaluation.test, "valid": evaluation.valid, "baseline": evaluation.baseline},
+        metrics={"test": evaluation.test, "valid": evaluation.valid, "baseline": evaluation.baseline}
+        | ({"test_seen_masked": evaluation.test_seen_masked} if evaluation.test_seen_masked else {}),
         gate=evaluation.gate,
         model_version=promotion.version,
         registry=promotion.registry,

@@ -22,9 +22,11 @@ from tasks._common import artifact_key, retry_unless_user_error
 def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> TrainedModel:
     logger = get_run_logger()
     total = config.training.epochs
+    budget = f", at most {config.training.max_minutes:g} min" if config.training.max_minutes else ""
     logger.info(
-        "training %s for up to %d epochs, batch %s, on %s",
-        config.model.name, total, config.training.train_batch_size, config.training.device,
+        "training %s for up to %d epochs%s (early stopping after %d without gain), batch %s, on %s",
+        config.model.name, total, budget, config.training.early_stopping_patience,
+        config.training.train_batch_size or "default", config.training.device,
     )
 
     def on_epoch(stats: EpochStats) -> None:
@@ -55,9 +57,9 @@ def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> 
         key=artifact_key("training-health", config.registry_name),
         description=f"{trained.model_name}: early-warning signs and the training curve",
     )
-    logger.info("best epoch %d (%s %.4f), %d parameters, %.1fs on %s", trained.best_epoch + 1,
-                trained.valid_metric, trained.best_valid_score or float("nan"), trained.parameters,
-                trained.seconds, trained.device)
+    logger.info("best epoch %d (%s %.4f), %d parameters, %.1fs on %s; %s ended training (%s objective)",
+                trained.best_epoch + 1, trained.valid_metric, trained.best_valid_score or float("nan"),
+                trained.parameters, trained.seconds, trained.device, trained.stop_reason, trained.objective)
     return trained
 
 

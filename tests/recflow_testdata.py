@@ -123,7 +123,7 @@ def tiny_overrides(tmp: Path, data: Path | None) -> dict[str, Any]:
         "model.params": dict(TINY_MODEL_PARAMS),
         "dataset.max_seq_length": 10,
         "training.epochs": 2,
-        "training.train_batch_size": 256,
+        "training.train_batch_size": 32,
         # Pinned (not the default) so the tiny model's quality does not drift with tuning.
         "training.learning_rate": 0.003,
         # One intra-op thread: on a loaded 2-core box torch's thread pool makes a tiny
@@ -151,7 +151,7 @@ dataset:
   max_seq_length: 10
 training:
   epochs: 2
-  train_batch_size: 256
+  train_batch_size: 32
   learning_rate: 0.003
   threads: 1
 export:

@@ -170,7 +170,8 @@ def test_cli_batch_size_flag(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_split(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path) -> tuple[PipelineConfig, DatasetSplits]:
     root = tmp_path_factory.mktemp("finder")
-    config = tiny_config(root, tiny_csv, {"training.train_batch_size": "auto"})
+    # RecBole's own loop (its train rows); the all-position loop is probed in test_probed_auto_on_windows.
+    config = tiny_config(root, tiny_csv, {"training.train_batch_size": "auto", "training.objective": "last_item"})
     run_dir = root / "data"
     run_dir.mkdir()
     return config, build_dataset(extract(config, run_dir), config, run_dir)
@@ -321,3 +322,34 @@ def test_the_model_card_records_the_choice(tiny_run: TinyRun, tmp_path: Path) ->
     assert card["training"]["auto_batch"] == choice.model_dump(mode="json")
     assert build_card(tiny_run.config, tiny_run.snapshot, tiny_run.splits, tiny_run.trained, evaluation, exported,
                       {})["training"]["auto_batch"] is None
+
+
+def test_probed_auto_on_windows_trains_like_the_batch_it_found(
+    tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All-position training: probes are real steps of the window loss on batches of windows."""
+    config = tiny_config(tmp_path, tiny_csv, {"training.train_batch_size": "auto"})
+    (tmp_path / "data").mkdir()
+    splits = build_dataset(extract(config, tmp_path / "data"), config, tmp_path / "data")
+    cls = rb.resolve_model("SASRec")
+    original = cls.forward
+    seen: list[int] = []
+
+    def forward(self: Any, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            seen.append(len(item_seq))
+            if len(item_seq) > 100:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, item_seq, lengths)
+
+    monkeypatch.setattr(cls, "forward", forward)
+    monkeypatch.setattr(batch_finder, "memory_reader_for", lambda device: FakeMemory(seen, total=10**9))
+    auto = _train(config, splits, tmp_path / "auto")
+    assert auto.objective == "all_positions" and auto.auto_batch is not None
+    assert auto.train_batch_size == 100 and auto.auto_batch.method == "probed"
+    assert [p.batch for p in auto.auto_batch.probes][:3] == [64, 128, 96]
+    fixed_config = config.model_copy(update={"training": config.training.model_copy(update={"train_batch_size": 100})})
+    fixed = _train(fixed_config, splits, tmp_path / "fixed")
+    assert [e.train_loss for e in auto.epochs] == [e.train_loss for e in fixed.epochs]
+    wa, wf = _weights(auto), _weights(fixed)
+    assert all(torch.equal(wa[k], wf[k]) for k in wa)

@@ -12,7 +12,9 @@ from recflow_testdata import tiny_config
 
 from core.dataset import build_dataset, load_recbole_data
 from core.extract import extract
-from core.seq_objectives import INPUTS, LENGTHS, TARGETS, AllPositionLoss, _every_position, gbce
+from core.seq_objectives import (
+    INPUTS, LENGTHS, TARGETS, AllPositionLoss, _every_position, gbce, mask_items, target_share,
+)
 from core.training import build_model
 
 PARAMS = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "embedding_size": 16}
@@ -97,13 +99,23 @@ def test_sampled_losses_train(tiny_data: dict, loss: str) -> None:
 
 
 def test_bert4rec_masks_at_least_one_item_per_window(tiny_data: dict) -> None:
+    seq = torch.tensor([[3, 7, 2, 0, 0, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    inputs, targets = mask_items(seq, 0.0, 41, torch.Generator().manual_seed(0))  # nothing masked at random
+    assert targets.tolist()[0] == [0, 0, 2, 0, 0, 0, 0, 0, 0, 0]  # the newest item of each window
+    assert inputs.tolist()[0] == [3, 7, 41, 0, 0, 0, 0, 0, 0, 0]
+    assert targets.tolist()[1][-1] == 14 and int((targets > 0).sum()) == 2
+    inputs, targets = mask_items(seq.repeat(200, 1), 0.2, 41, torch.Generator().manual_seed(0))
+    share = float((inputs == 41).sum()) / float((seq.repeat(200, 1) > 0).sum())
+    assert 0.17 < share < 0.25  # about mask_ratio, plus the forced ones
+    assert torch.equal(targets > 0, inputs == 41) and not (inputs[seq.repeat(200, 1) == 0] != 0).any()
     torch.manual_seed(0)
     model = build_model(tiny_data["BERT4Rec"])
-    objective = AllPositionLoss(model, "masked", "ce", mask_ratio=0.0)  # nothing masked at random
-    seq = torch.tensor([[3, 7, 2, 0, 0, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
-    hidden, targets = objective._masked_hidden(seq)
-    assert targets.tolist()[0] == [0, 0, 2, 0, 0, 0, 0, 0, 0, 0]  # the newest item of each window
-    assert targets.tolist()[1][-1] == 14 and int((targets > 0).sum()) == 2
-    assert hidden.shape == (2, 10, 16)
-    loss = objective(_batch(seq, torch.zeros_like(seq)))
+    loss = AllPositionLoss(model, "masked", "ce")(_batch(inputs[:8], targets[:8]))
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_accumulation_weights_micro_batches_by_their_targets() -> None:
+    whole = _batch(torch.ones(4, 5, dtype=torch.long), torch.tensor([[1, 1, 1, 1, 1]] * 3 + [[0, 0, 0, 0, 1]]))
+    assert target_share(whole[0:2], whole) == 10 / 16 and target_share(whole[2:4], whole) == 6 / 16
+    rows = Interaction({"item_id": torch.arange(4)})
+    assert target_share(rows[0:2], rows) is None  # RecBole rows: weighted by rows

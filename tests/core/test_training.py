@@ -22,7 +22,7 @@ def test_trained_model_record(tiny_run: TinyRun) -> None:
     assert trained.checkpoint.is_file()
     assert not list(trained.checkpoint.parent.glob("*.tmp"))  # atomic save left nothing behind
     assert trained.device == "cpu"
-    assert trained.train_batch_size == 256
+    assert trained.train_batch_size == 32
     assert trained.valid_metric == "NDCG@10"
     assert [e.epoch for e in trained.epochs] == [0, 1]
     # 16-dim SASRec over 41 item ids (40 + padding), 10 positions, 1 layer: a few thousand weights.

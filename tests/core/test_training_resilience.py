@@ -29,27 +29,45 @@ from core.extract import extract
 from core.records import DatasetSplits, TrainedModel
 from core.training import LATEST_CHECKPOINT, train
 
-NO_DROPOUT = TINY_MODEL_PARAMS | {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0}
+NO_DROPOUT = TINY_MODEL_PARAMS | {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "dropout_prob": 0.0}
+# The all-position loop for each sequential model, and RecBole's own loop (last_item).
+LOOPS = {
+    "SASRec": {"model.name": "SASRec"},
+    "GRU4Rec": {"model.name": "GRU4Rec"},
+    "BERT4Rec": {"model.name": "BERT4Rec"},
+    "SASRec-last_item": {"model.name": "SASRec", "training.objective": "last_item"},
+}
+# Deterministic losses: accumulation then equals the whole batch exactly (BERT4Rec draws its masks per
+# micro-batch, so its accumulated run is its own, still reproducible, run).
+EXACT_LOOPS = ["SASRec", "GRU4Rec", "SASRec-last_item"]
+
+
+def _oom_method(loop: str) -> str:
+    """What a train step calls with the micro-batch: RecBole's loss, or the model's forward (all positions)."""
+    return "calculate_loss" if loop.endswith("last_item") else "forward"
 
 
 @contextlib.contextmanager
 def inject_oom(model_name: str, threshold: int, method: str = "calculate_loss") -> Iterator[list[int]]:
     """Make ``model_name``'s ``method`` raise CUDA's OOM error on inputs of more than ``threshold`` rows.
 
-    Yields the input sizes seen (failed calls included).
+    ``forward`` raises only in training mode (evaluation runs forward too). Yields the input
+    sizes seen in training (failed calls included).
     """
     cls = rb.resolve_model(model_name)
     original = cls.__dict__[method]
     seen: list[int] = []
 
-    def wrapped(self: Any, interaction: Any) -> Any:
-        rows = len(interaction)
+    def wrapped(self: Any, first: Any, *rest: Any) -> Any:
+        if method == "forward" and not self.training:
+            return original(self, first, *rest)
+        rows = len(first)
         seen.append(rows)
         if rows > threshold:
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; {rows} rows > {threshold} injected)"
             )
-        return original(self, interaction)
+        return original(self, first, *rest)
 
     setattr(cls, method, wrapped)
     try:
@@ -66,8 +84,8 @@ def _setup(tmp_path: Path, tiny_csv: Path, name: str, overrides: dict[str, Any])
     return config, splits, run_dir
 
 
-def _run(tmp_path: Path, tiny_csv: Path, name: str, overrides: dict[str, Any] | None = None) -> TrainedModel:
-    config, splits, run_dir = _setup(tmp_path, tiny_csv, name, {"model.params": NO_DROPOUT} | (overrides or {}))
+def _run(tmp_path: Path, tiny_csv: Path, name: str, loop: str, overrides: dict[str, Any] | None = None) -> TrainedModel:
+    config, splits, run_dir = _setup(tmp_path, tiny_csv, name, LOOPS[loop] | {"model.params": NO_DROPOUT} | (overrides or {}))
     return train(config, splits, run_dir)
 
 
@@ -87,52 +105,62 @@ def _assert_same_training(a: TrainedModel, b: TrainedModel, atol: float = 1e-5) 
         assert torch.allclose(wa[key], wb[key], atol=atol), key
 
 
+@pytest.fixture(scope="module", params=list(LOOPS))
+def loop(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def accumulated_4(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path) -> TrainedModel:
-    """Started at batch 256 as 4 micro-batches of 64, no faults."""
-    return _run(tmp_path_factory.mktemp("acc4"), tiny_csv, "run", {"training.grad_accumulation": 4})
+def accumulated_4(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path, loop: str) -> TrainedModel:
+    """Started at batch 32 as 4 micro-batches of 8, no faults."""
+    return _run(tmp_path_factory.mktemp("acc4"), tiny_csv, "run", loop, {"training.grad_accumulation": 4})
 
 
-def test_injected_oom_steps_down_to_micro_batch_64(
-    tmp_path: Path, tiny_csv: Path, accumulated_4: TrainedModel, caplog: pytest.LogCaptureFixture
+def test_injected_oom_steps_down_to_micro_batch_8(
+    tmp_path: Path, tiny_csv: Path, loop: str, accumulated_4: TrainedModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="recflow.training"), inject_oom("SASRec", threshold=100) as seen:
-        trained = _run(tmp_path, tiny_csv, "run")
-    assert trained.train_batch_size == 256  # the effective batch is unchanged
-    assert trained.micro_batch_size == 64
+    model = LOOPS[loop]["model.name"]
+    with caplog.at_level(logging.WARNING, logger="recflow.training"), \
+            inject_oom(model, threshold=10, method=_oom_method(loop)) as seen:
+        trained = _run(tmp_path, tiny_csv, "run", loop)
+    assert trained.objective == ("last_item" if loop.endswith("last_item") else "all_positions")
+    assert trained.train_batch_size == 32  # the effective batch is unchanged
+    assert trained.micro_batch_size == 8
     assert trained.grad_accumulation == 4
     assert trained.oom_retries == [
-        "epoch 0: CUDA OOM at micro-batch 256 -> 128 x2",
-        "epoch 0: CUDA OOM at micro-batch 128 -> 64 x4",
+        "epoch 0: CUDA OOM at micro-batch 32 -> 16 x2",
+        "epoch 0: CUDA OOM at micro-batch 16 -> 8 x4",
     ]
-    assert [r.getMessage().split(" (")[0] for r in caplog.records] == trained.oom_retries
-    assert seen[:2] == [256, 128] and max(seen[2:]) == 64
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if "CUDA OOM" in r.getMessage()] == trained.oom_retries
+    assert seen[:2] == [32, 16] and max(seen[2:]) == 8
     assert not (trained.checkpoint.parent / LATEST_CHECKPOINT).exists()  # finished: nothing to resume
-    # The failed attempts were rolled back: exactly the run started at 64 x 4 (dropout 0).
+    # The failed attempts were rolled back: exactly the run started at 8 x 4 (dropout 0).
     _assert_same_training(trained, accumulated_4)
-    assert accumulated_4.oom_retries == [] and accumulated_4.micro_batch_size == 64
+    assert accumulated_4.oom_retries == [] and accumulated_4.micro_batch_size == 8
 
 
-def test_oom_below_the_floor_names_the_sizes_tried(tmp_path: Path, tiny_csv: Path) -> None:
-    with inject_oom("SASRec", threshold=4), pytest.raises(TrainingError) as err:
-        _run(tmp_path, tiny_csv, "run", {"training.epochs": 1})
+def test_oom_below_the_floor_names_the_sizes_tried(tmp_path: Path, tiny_csv: Path, loop: str) -> None:
+    with inject_oom(LOOPS[loop]["model.name"], threshold=4, method=_oom_method(loop)), \
+            pytest.raises(TrainingError) as err:
+        _run(tmp_path, tiny_csv, "run", loop, {"training.epochs": 1})
     message = str(err.value)
-    assert "CUDA OOM" in message and "256, 128, 64, 32, 16, 8" in message
+    assert "CUDA OOM" in message and "32, 16, 8" in message
     assert "min_micro_batch=8" in message
 
 
-def test_grad_accumulation_matches_the_whole_batch(tmp_path: Path, tiny_csv: Path) -> None:
-    whole = _run(tmp_path, tiny_csv, "whole")
-    halves = _run(tmp_path, tiny_csv, "halves", {"training.grad_accumulation": 2})
-    assert (whole.micro_batch_size, whole.grad_accumulation) == (256, 1)
-    assert (halves.micro_batch_size, halves.grad_accumulation) == (128, 2)
+@pytest.mark.parametrize("exact", EXACT_LOOPS)
+def test_grad_accumulation_matches_the_whole_batch(tmp_path: Path, tiny_csv: Path, exact: str) -> None:
+    whole = _run(tmp_path, tiny_csv, "whole", exact)
+    halves = _run(tmp_path, tiny_csv, "halves", exact, {"training.grad_accumulation": 2})
+    assert (whole.micro_batch_size, whole.grad_accumulation) == (32, 1)
+    assert (halves.micro_batch_size, halves.grad_accumulation) == (16, 2)
     _assert_same_training(whole, halves)
 
 
-def test_eval_oom_halves_the_eval_batch(tmp_path: Path, tiny_csv: Path, accumulated_4: TrainedModel) -> None:
+def test_eval_oom_halves_the_eval_batch(tmp_path: Path, tiny_csv: Path, loop: str, accumulated_4: TrainedModel) -> None:
     # 80 valid users in one batch of the default eval_batch_size 4096: halve until <= 30 rows.
-    with inject_oom("SASRec", threshold=30, method="full_sort_predict") as seen:
-        trained = _run(tmp_path, tiny_csv, "run", {"training.grad_accumulation": 4})
+    with inject_oom(LOOPS[loop]["model.name"], threshold=30, method="full_sort_predict") as seen:
+        trained = _run(tmp_path, tiny_csv, "run", loop, {"training.grad_accumulation": 4})
     assert trained.oom_retries[0] == "evaluation: CUDA OOM at eval batch 4096 -> 2048"
     assert trained.oom_retries[-1] == "evaluation: CUDA OOM at eval batch 32 -> 16"
     assert max(seen[-5:]) == 16
@@ -160,11 +188,16 @@ _CRASHING_TRAINER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("params", [TINY_MODEL_PARAMS, NO_DROPOUT], ids=["dropout", "no-dropout"])
+@pytest.mark.parametrize(
+    "loop,params",
+    [("SASRec", TINY_MODEL_PARAMS), ("SASRec", NO_DROPOUT), ("GRU4Rec", TINY_MODEL_PARAMS),
+     ("BERT4Rec", TINY_MODEL_PARAMS), ("SASRec-last_item", TINY_MODEL_PARAMS)],
+    ids=["sasrec-dropout", "sasrec-no-dropout", "gru4rec", "bert4rec", "sasrec-last_item"],
+)
 def test_resume_after_sigkill_matches_an_uninterrupted_run(
-    tmp_path: Path, tiny_csv: Path, params: dict[str, Any], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tiny_csv: Path, loop: str, params: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    overrides = {"training.epochs": 4, "model.params": params}
+    overrides = LOOPS[loop] | {"training.epochs": 4, "model.params": params}
     config, splits, run_dir = _setup(tmp_path, tiny_csv, "crashed", overrides)
     (tmp_path / "config.json").write_text(config.model_dump_json())
     (tmp_path / "splits.json").write_text(splits.model_dump_json())
