@@ -306,3 +306,143 @@ def test_na_strings_are_pandas_defaults() -> None:
     from pandas._libs.parsers import STR_NA_VALUES
 
     assert ds._PANDAS_NA_STRINGS == STR_NA_VALUES
+
+
+# --------------------------------------------------------------------------- sequential augmentation
+
+
+def _augmentation_fallback(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every time the fast data_augmentation hands over to RecBole's loop."""
+    from recbole.data.dataset import SequentialDataset
+
+    originals = SequentialDataset.data_augmentation._recflow_originals
+    calls: list[str] = []
+    loop = originals["data_augmentation"]
+
+    def recorded(self: Any) -> None:
+        calls.append("loop")
+        loop(self)
+
+    monkeypatch.setitem(originals, "data_augmentation", recorded)
+    return calls
+
+
+def _varied_users_snapshot(tmp_path: Path, seed: int = 3) -> Snapshot:
+    """Users of 1..23 interactions (some under min_user_interactions, most longer than the
+    history), rows shuffled, times out of row order with ties inside a user, float ratings."""
+    rng = np.random.default_rng(seed)
+    lengths = [1, 2, 3, 4, 5, 6, 7, 9, 12, 15, 23, 3, 8, 4]
+    users = np.repeat([f"u{k}" for k in range(len(lengths))], lengths)
+    n = users.size
+    items = [f"i{v}" for v in rng.integers(0, 17, n)]
+    seconds = rng.integers(0, 40, n) * 60  # few distinct values: ties within a user
+    order = rng.permutation(n)
+    frame = pl.DataFrame(
+        {
+            USER: users[order].tolist(),
+            ITEM: [items[k] for k in order],
+            TIME: [T0 + timedelta(seconds=int(seconds[k]), microseconds=int(k) * 13) for k in order],
+            RATING: rng.choice([1.0, 2.5, 3.0, 4.5, 5.0], n)[order].tolist(),
+        },
+        schema={USER: pl.String, ITEM: pl.String, TIME: pl.Datetime("us", "UTC"), RATING: pl.Float32},
+    )
+    path = tmp_path / "snapshot.parquet"
+    frame.write_parquet(path)
+    return Snapshot(path=path, source="t", rows=n, users=0, items=0, has_rating=True, fingerprint="f")
+
+
+@pytest.mark.parametrize(("model", "max_len", "split"), [("SASRec", 4, "loo"), ("GRU4Rec", 2, "ratio"),
+                                                          ("SASRec", 50, "loo")])
+def test_sequential_augmentation_builds_the_same_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, max_len: int, split: str
+) -> None:
+    snapshot = _varied_users_snapshot(tmp_path)
+    config = load_config(
+        overrides={"model.name": model, "dataset.max_seq_length": max_len, "dataset.split": split,
+                   "dataset.min_user_interactions": 3, "training.device": "cpu"}
+    )
+    _, slow = _build(snapshot, config, tmp_path / "slow", fast=False)
+    fallback = _augmentation_fallback(monkeypatch)
+    _, fast = _build(snapshot, config, tmp_path / "fast", fast=True)
+    assert fallback == []  # the vectorised path built it
+    _assert_same_data(fast, slow)  # the augmented inter_feat, field by field, and train/valid/test
+    feat = fast.dataset.inter_feat
+    assert {"item_id_list", "timestamp_list", "rating_list", "item_length"} <= set(feat.interaction)
+    assert feat["item_id_list"].shape[1] == max_len and feat["rating_list"].dtype == torch.float32
+    lengths = feat["item_length"]
+    assert int(lengths.min()) == 1 and int(lengths.max()) == min(max_len, 22)
+
+
+def _write_seq_inter(data_dir: Path, seed: int = 5) -> None:
+    """An .inter file with token_seq and float_seq columns next to the usual ones."""
+    rng = np.random.default_rng(seed)
+    lengths = [3, 4, 6, 9, 14, 5, 3]
+    lines = ["user_id:token\titem_id:token\ttimestamp:float\trating:float\ttags:token_seq\tscores:float_seq"]
+    rows = []
+    for u, count in enumerate(lengths):
+        for k in range(count):
+            tags = " ".join(f"t{v}" for v in rng.integers(0, 6, rng.integers(1, 4)))
+            scores = " ".join(f"{v:.2f}" for v in rng.random(rng.integers(1, 5)))
+            rows.append(f"u{u}\ti{rng.integers(0, 11)}\t{int(rng.integers(0, 30)) * 10}\t{rng.integers(1, 6)}.5"
+                        f"\t{tags}\t{scores}")
+    lines += [rows[k] for k in rng.permutation(len(rows))]
+    folder = data_dir / rb.DATASET_NAME
+    folder.mkdir(parents=True)
+    (folder / f"{rb.DATASET_NAME}.inter").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("numerical", [[], ["rating", "scores"], ["timestamp", "rating"]])
+def test_sequential_augmentation_seq_fields_and_numerical_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, numerical: list[str]
+) -> None:
+    from recbole.data.dataset import SequentialDataset
+
+    _write_seq_inter(tmp_path / "data")
+    config = load_config(overrides={"model.name": "SASRec", "dataset.max_seq_length": 5, "dataset.split": "loo",
+                                    "dataset.min_user_interactions": 3, "training.device": "cpu"})
+    built: dict[bool, tuple[Any, Any]] = {}
+    for fast in (False, True):
+        cfg = recbole_config_dict(config, tmp_path / "data", tmp_path / f"ckpt-{fast}", True)
+        cfg["load_col"] = {"inter": [USER, ITEM, TIME, RATING, "tags", "scores"]}
+        cfg["numerical_features"] = numerical
+        rb_config = rb.make_config("SASRec", cfg, resolve_device("cpu"))
+        fallback = _augmentation_fallback(monkeypatch) if fast else []
+        with recbole_fast_paths(fast):
+            dataset = rb.create_dataset(rb_config)
+            parts = rb.data_preparation(rb_config, dataset)
+        assert isinstance(dataset, SequentialDataset) and fallback == []
+        built[fast] = dataset, parts
+    (fast_ds, fast_parts), (slow_ds, slow_parts) = built[True], built[False]
+    assert fast_ds.field2seqlen == slow_ds.field2seqlen and fast_ds.field2type == slow_ds.field2type
+    _assert_same_interaction(fast_ds.inter_feat, slow_ds.inter_feat)
+    for a, b in zip(fast_parts, slow_parts):
+        _assert_same_interaction(a._dataset.inter_feat, b._dataset.inter_feat)
+    feat = fast_ds.inter_feat
+    assert feat["tags_list"].dim() == 3 and feat["tags_list"].shape[1] == 5
+    assert feat["scores_list"].dim() == (4 if "scores" in numerical else 3)
+    for field in numerical:
+        assert feat[f"{field}_list"].shape[-1] == 2
+
+
+def test_sequential_augmentation_falls_back_for_shapes_it_does_not_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A list field wider than MAX_ITEM_LIST_LENGTH (RecBole's loop fills its first columns): its own loop builds it.
+    from recbole.data.dataset import SequentialDataset
+
+    snapshot = _varied_users_snapshot(tmp_path)
+    config = load_config(overrides={"model.name": "SASRec", "dataset.max_seq_length": 4,
+                                    "dataset.min_user_interactions": 3, "training.device": "cpu"})
+    presets = SequentialDataset._aug_presets
+
+    def odd_presets(self: Any) -> None:
+        presets(self)
+        self.field2seqlen[self.rating_list_field] = 6
+
+    monkeypatch.setattr(SequentialDataset, "_aug_presets", odd_presets)
+    fallback = _augmentation_fallback(monkeypatch)
+    _, fast = _build(snapshot, config, tmp_path / "fast", fast=True)
+    assert fallback == ["loop"]
+    feat = fast.dataset.inter_feat
+    assert feat["rating_list"].shape[1] == 6 and feat["item_id_list"].shape[1] == 4
+    assert not feat["rating_list"][:, 4:].any()
