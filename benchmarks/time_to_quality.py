@@ -119,6 +119,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _git_state() -> dict[str, Any]:
+    """The commit recflow ran at, and which of core/ differed from it (others may be editing)."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD"), "core_modified": git("status", "--porcelain", "--", "core").splitlines()}
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -486,6 +496,10 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
     checkpoints = run_dir / "checkpoints"
     data = load_recbole_data(cfg, splits, checkpoints)  # train() gets the same cached objects
     c_data, t_data = time.process_time(), time.perf_counter()
+    # The split this process trains on must be the one --prepare recorded (the code may have changed since).
+    split_same = _split_cases(data.valid, data.test) == json.loads(p["recflow_split"].read_text())
+    c_split, t_split = time.process_time() - c_data, time.perf_counter() - t_data
+    c_data, t_data = c_data + c_split, t_data + t_split
 
     overhead = {"cpu": 0.0, "wall": 0.0}
     records: list[dict[str, Any]] = []
@@ -562,6 +576,8 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
             "attn_dropout_prob": rc["attn_dropout_prob"],
             "fast_cpu_dropout": cfg.training.fast_cpu_dropout,
         },
+        "split_same_as_prepare": split_same,
+        "git": _git_state(),
         "threads": torch.get_num_threads(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -743,6 +759,10 @@ def report(work: Path) -> dict[str, Any]:
               f"{split['test_history_differs']}, users on one side only {split['users_only_one_side']})")
     else:
         print("split: not compared yet (the bare side writes its split when it starts)")
+    for obj, res in recflow.items():
+        if res.get("split_same_as_prepare") is False:
+            print(f"WARNING: recflow {obj} trained on another split than --prepare recorded (the code changed?): "
+                  f"delete {p['data']} and {work / 'bare'} and start over")
     if cfg_diff is not None:
         print("RecBole config, bare vs recflow's defaults: " + "; ".join(
             f"{k} {v['bare']} vs {v['recflow']}" for k, v in cfg_diff.items()))
