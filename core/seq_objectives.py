@@ -97,16 +97,21 @@ class AllPositionLoss:
         return gbce(pos, neg, hit, n_items=self.n_items, t=self.gbce_t)
 
 
-def mask_items(items: torch.Tensor, ratio: float, mask_token: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_items(items: torch.Tensor, ratio: float, mask_token: int, generator: torch.Generator,
+               last_only: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT4Rec's masked-item inputs: (inputs with masked items replaced by ``mask_token``, targets).
 
-    Each item is masked with probability ``ratio``; a window with nothing masked gets its
-    newest item masked, so every window trains something. Targets are 0 where not masked.
+    Each item is masked with probability ``ratio``; a share ``last_only`` of the windows has
+    only its newest item masked. Targets are 0 where not masked.
     """
     present = items > 0
     masked = present & (torch.rand(items.shape, generator=generator) < ratio)
-    none = ~masked.any(1) & present.any(1)
     last = present.sum(1) - 1
+    # Some windows predict only their newest item, as evaluation asks BERT4Rec to (mask appended
+    # after the history); a window with nothing masked would train nothing.
+    only_last = torch.rand(items.shape[0], generator=generator) < last_only
+    masked[only_last] = False
+    none = ~masked.any(1) & present.any(1)
     masked[none, last[none]] = True
     return torch.where(masked, torch.full_like(items, mask_token), items), torch.where(masked, items, 0)
 
@@ -127,17 +132,14 @@ def gbce(pos: torch.Tensor, neg: torch.Tensor, hit: torch.Tensor, *, n_items: in
     """gSASRec's gBCE (Petrov & Macdonald, RecSys 2023): BCE whose positive probability is raised to ``beta``.
 
     ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)`` with ``alpha`` the sampling rate
-    ``k / (n_items - 1)``; ``t = 0`` is plain BCE, ``t = 1`` fully calibrated. Negatives that
-    are the target (``hit``) are left out.
+    ``k / (n_items - 2)`` (real items other than the target); ``t = 0`` is plain BCE, ``t = 1``
+    fully calibrated. ``-log(sigmoid(pos) ** beta) = -beta * logsigmoid(pos)``: computed so, in
+    log space, it needs none of the reference code's clamps, which stop the positive gradient
+    once a score falls below -23. Negatives that are the target (``hit``) are left out.
     """
     k = neg.shape[1]
-    alpha = k / max(n_items - 2, 1)  # item 0 is padding: n_items - 1 real items, minus the target
+    alpha = k / max(n_items - 2, 1)
     beta = alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
-    eps = 1e-10
-    p = torch.sigmoid(pos.double()).clamp(eps, 1 - eps)
-    # log(sigmoid(pos)^beta) as a logit: log(1 / (p^-beta - 1)).
-    pos_logit = torch.log((1.0 / (p.pow(-beta) - 1.0).clamp_min(eps)).clamp_min(eps))
-    pos_loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit), reduction="sum")
-    neg_loss = F.binary_cross_entropy_with_logits(neg.double(), torch.zeros_like(neg, dtype=torch.float64),
-                                                  weight=(~hit).double(), reduction="sum")
-    return ((pos_loss + neg_loss) / (pos.shape[0] * (1 + k))).to(pos.dtype)
+    pos_loss = -beta * F.logsigmoid(pos).sum()
+    neg_loss = (F.softplus(neg) * (~hit)).sum()  # -log(1 - sigmoid(neg))
+    return (pos_loss + neg_loss) / (pos.shape[0] * (1 + k))

@@ -699,6 +699,10 @@ def train(
     )
 
 
+# BERT4Rec on all positions: windows masked at the newest item only (what evaluation asks).
+BERT4REC_LAST_ONLY = 0.2
+
+
 class _BudgetReached(Exception):
     """Raised from the epoch callback to end ``fit`` when ``training.max_minutes`` is spent."""
 
@@ -722,8 +726,9 @@ def train_loader(config: PipelineConfig, data: RecBoleData, model: torch.nn.Modu
 
     max_len = int(data.config["MAX_ITEM_LIST_LENGTH"])
     stride = min(t.window_stride or max(max_len // 2, 1), max_len)
-    # BERT4Rec: its mask_ratio, and its mask token (the id after the last item).
-    mask = (float(data.config["mask_ratio"] or 0.2), int(model.n_items)) if kind == "masked" else None
+    # BERT4Rec: its mask_ratio, its mask token (the id after the last item), and the share of
+    # windows that predict only their newest item.
+    mask = (float(data.config["mask_ratio"] or 0.2), int(model.n_items), BERT4REC_LAST_ONLY) if kind == "masked" else None
     try:
         loader = WindowLoader.build(data.config, data.train.dataset, stride, seed=t.seed, mask=mask)
     except ValueError as exc:

@@ -50,7 +50,7 @@ class WindowLoader:
     """Batches of ``train_batch_size`` windows, reshuffled every epoch by ``generator``."""
 
     def __init__(self, config: Any, train_dataset: Any, windows: Windows, seed: int,
-                 mask: tuple[float, int] | None = None) -> None:
+                 mask: tuple[float, int, float] | None = None) -> None:
         from recbole.data.interaction import Interaction
 
         self._interaction = Interaction
@@ -60,7 +60,7 @@ class WindowLoader:
         self.shuffle = True
         self.neg_sample_args = {"distribution": "none"}
         self.generator = torch.Generator().manual_seed(seed)
-        self.mask = mask  # (mask_ratio, mask token): BERT4Rec's masked-item inputs
+        self.mask = mask  # (mask_ratio, mask token, share of windows masked at the newest item only): BERT4Rec
         self._tensors = (
             torch.from_numpy(windows.inputs),
             torch.from_numpy(windows.targets),
@@ -70,7 +70,7 @@ class WindowLoader:
 
     @classmethod
     def build(cls, config: Any, train_dataset: Any, stride: int, *, seed: int,
-              mask: tuple[float, int] | None = None) -> "WindowLoader":
+              mask: tuple[float, int, float] | None = None) -> "WindowLoader":
         masked = mask is not None
         start = time.perf_counter()
         windows = windows_from_train_split(train_dataset, int(config["MAX_ITEM_LIST_LENGTH"]), stride, masked=masked)
@@ -97,7 +97,7 @@ class WindowLoader:
         inputs, targets, lengths = (t[index] for t in self._tensors)
         width = max(int(lengths.max()), 1) if len(index) else 1  # trim padding every row shares
         if self.mask is not None:
-            inputs, targets = mask_items(inputs, self.mask[0], self.mask[1], self.generator)
+            inputs, targets = mask_items(inputs, self.mask[0], self.mask[1], self.generator, self.mask[2])
         return self._interaction({INPUTS: inputs[:, :width], TARGETS: targets[:, :width], LENGTHS: lengths})
 
     def __iter__(self) -> Iterator[Any]:

@@ -102,7 +102,12 @@ def _assert_same_training(a: TrainedModel, b: TrainedModel, atol: float = 1e-5) 
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
-        assert torch.allclose(wa[key], wb[key], atol=atol), key
+        if key.endswith("key.bias"):
+            # Its true gradient is 0 (softmax ignores a shift shared by all keys): Adam turns the
+            # float noise left in it into lr-sized steps, so only its scale is comparable.
+            assert float(wa[key].abs().max()) < 1e-2 and float(wb[key].abs().max()) < 1e-2
+            continue
+        assert torch.allclose(wa[key], wb[key], atol=atol), (key, float((wa[key] - wb[key]).abs().max()))
 
 
 @pytest.fixture(scope="module", params=list(LOOPS))
@@ -154,7 +159,9 @@ def test_grad_accumulation_matches_the_whole_batch(tmp_path: Path, tiny_csv: Pat
     halves = _run(tmp_path, tiny_csv, "halves", exact, {"training.grad_accumulation": 2})
     assert (whole.micro_batch_size, whole.grad_accumulation) == (32, 1)
     assert (halves.micro_batch_size, halves.grad_accumulation) == (16, 2)
-    _assert_same_training(whole, halves)
+    # Sums in another order: float noise (~1e-7) that Adam's normalised steps carry to ~1e-5 in
+    # 14 steps, against weight changes of ~1e-2.
+    _assert_same_training(whole, halves, atol=5e-5)
 
 
 def test_eval_oom_halves_the_eval_batch(tmp_path: Path, tiny_csv: Path, loop: str, accumulated_4: TrainedModel) -> None:
