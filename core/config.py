@@ -181,6 +181,10 @@ class TrainingConfig(_Strict):
     device: Device = "auto"
     seed: int = 2020
     early_stopping_patience: int = Field(default=5, ge=1, description="epochs without valid gain")
+    early_stopping_min_gain: float = Field(
+        default=0.01, ge=0, description="the smallest valid gain that resets the patience, as a fraction of the "
+        "best score (0.01: 1%); smaller gains count as no gain",
+    )
     threads: int | None = Field(default=None, ge=1, description="CPU threads; default: all cores")
     fast_cpu_dropout: bool = Field(
         default=True, description="on CPU, dropout from rand>=p (same distribution, ~4x faster than torch's)"

@@ -598,7 +598,13 @@ def train(
             grad_accumulation=trainer.grad_accumulation,
             valid_result=trainer.last_valid_result,
         )
-        early_stop = trainer.cur_step > trainer.stopping_step
+        recbole_stop = trainer.cur_step > trainer.stopping_step  # RecBole ends fit() itself
+        early_stop = recbole_stop or plateaued(
+            [e.valid_score for e in epochs if e.valid_score is not None],
+            patience=config.training.early_stopping_patience,
+            min_gain=config.training.early_stopping_min_gain,
+            bigger=bool(data.config["valid_metric_bigger"]),
+        )
         spent = sum(e.train_seconds + (e.valid_seconds or 0.0) for e in epochs)
         over_budget = budget_s is not None and spent >= budget_s and not early_stop
         # Written before anyone hears of the epoch: a crash from here on resumes after it.
@@ -618,11 +624,15 @@ def train(
             on_epoch(stats)
         if early_stop:
             stop_reason[0] = "early stopping"
+            if not recbole_stop:
+                log.info("valid %s gained < %g of its best in %d epochs: stopping", config.evaluation.valid_metric,
+                         config.training.early_stopping_min_gain, config.training.early_stopping_patience + 1)
+                raise _StopTraining
         elif over_budget:
             stop_reason[0] = "time budget"
             log.warning("training.max_minutes=%g reached after epoch %d: keeping the best epoch",
                         config.training.max_minutes, epoch_idx)
-            raise _BudgetReached
+            raise _StopTraining
 
     track = config.tracking
     tracker = tracking.RunTracker(
@@ -648,7 +658,7 @@ def train(
         else:
             try:
                 best_score, _ = trainer.fit(loader, data.valid, verbose=False, saved=True, callback_fn=callback)
-            except _BudgetReached:
+            except _StopTraining:
                 best_score = trainer.best_valid_score
         failed = False
     except ValueError as exc:
@@ -703,8 +713,33 @@ def train(
 BERT4REC_LAST_ONLY = 0.2
 
 
-class _BudgetReached(Exception):
-    """Raised from the epoch callback to end ``fit`` when ``training.max_minutes`` is spent."""
+class _StopTraining(Exception):
+    """Raised from the epoch callback to end ``fit``: a plateau RecBole's rule misses, or the time budget."""
+
+
+def plateaued(scores: list[float], *, patience: int, min_gain: float, bigger: bool = True) -> bool:
+    """Whether the last ``patience + 1`` valid scores all failed to beat the best before them by ``min_gain``.
+
+    Args:
+        scores: valid scores, one per evaluated epoch, oldest first.
+        patience: epochs without a gain that are tolerated (RecBole's ``stopping_step``).
+        min_gain: the smallest gain that counts, as a fraction of the best score so far.
+        bigger: whether higher scores are better.
+
+    Returns:
+        True when training should stop. With ``min_gain`` 0 this is RecBole's own rule; a
+        positive one also stops a curve that still creeps up by a rounding error each epoch.
+    """
+    if not scores:
+        return False
+    best, stale = scores[0], 0
+    for score in scores[1:]:
+        margin = min_gain * abs(best)
+        if (score > best + margin) if bigger else (score < best - margin):
+            best, stale = score, 0
+        else:
+            stale += 1
+    return stale > patience
 
 
 def train_loader(config: PipelineConfig, data: RecBoleData, model: torch.nn.Module) -> tuple[Any, AllPositionLoss | None]:

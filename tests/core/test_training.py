@@ -13,7 +13,7 @@ from core import recbole_compat as rb
 from core.dataset import build_dataset
 from core.extract import extract
 from core.records import EpochStats
-from core.training import BEST_CHECKPOINT, train
+from core.training import BEST_CHECKPOINT, plateaued, train
 
 
 def test_trained_model_record(tiny_run: TinyRun) -> None:
@@ -124,9 +124,9 @@ def test_the_default_run_trains_all_positions_until_early_stopping(tiny_run: Tin
     trained = _train_tiny(tmp_path, tiny_csv, {"training.epochs": 200, "training.early_stopping_patience": 2})
     scores = [e.valid_score for e in trained.epochs]
     assert trained.stop_reason == "early stopping" and len(scores) < 200
-    # RecBole stops once `patience + 1` epochs in a row did not beat the best, which it kept.
-    assert trained.best_epoch == len(scores) - 4 and max(scores[-3:]) <= scores[trained.best_epoch]
-    assert trained.best_valid_score == max(scores)
+    # It stopped at the first epoch where `patience + 1` epochs gained < 1% on the best, and kept the best.
+    assert plateaued(scores, patience=2, min_gain=0.01) and not plateaued(scores[:-1], patience=2, min_gain=0.01)
+    assert trained.best_valid_score == max(scores) and trained.best_epoch == scores.index(max(scores))
 
 
 def test_the_time_budget_ends_training_and_keeps_the_best_epoch(
@@ -176,3 +176,16 @@ def test_sampled_losses_learn_the_sequence(tiny_csv: Path, tmp_path: Path, loss:
     trained = _train_tiny(tmp_path, tiny_csv, overrides)
     assert trained.loss == loss
     assert trained.best_valid_score is not None and trained.best_valid_score > 0.25  # random: ~0.1
+
+
+def test_plateau_rule() -> None:
+    rising = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    assert not plateaued(rising, patience=2, min_gain=0.01)
+    creeping = [0.80, 0.85, 0.851, 0.852, 0.853]  # +0.1% an epoch after the best real gain
+    assert plateaued(creeping, patience=2, min_gain=0.01)
+    assert not plateaued(creeping, patience=2, min_gain=0.0)  # RecBole's rule: any gain counts
+    assert not plateaued([0.8, 0.7, 0.7], patience=2, min_gain=0.01)  # patience + 1 stale epochs needed
+    assert plateaued([0.8, 0.7, 0.7, 0.79], patience=2, min_gain=0.0)
+    assert plateaued([1.0, 0.9, 0.899, 0.898, 0.897], patience=2, min_gain=0.05, bigger=False)  # RMSE
+    assert not plateaued([1.0, 0.9, 0.8, 0.7], patience=2, min_gain=0.05, bigger=False)
+    assert not plateaued([], patience=1, min_gain=0.0)
