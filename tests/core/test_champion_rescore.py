@@ -62,3 +62,33 @@ def test_champion_without_onnx_is_not_comparable(tiny_run: TinyRun, champion_dir
     (no_onnx / "model.onnx").unlink()
     with pytest.raises(ChampionNotComparable, match="no model.onnx"):
         rescore_champion(_data(tiny_run), no_onnx, tmp_path / "c.pth")
+
+
+@pytest.mark.parametrize("name,params", [
+    ("GRU4Rec", {"embedding_size": 16, "hidden_size": 16}),
+    ("BERT4Rec", {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1}),
+])
+def test_all_position_models_are_rescored_as_they_scored(
+    tiny_csv: Path, tmp_path: Path, name: str, params: dict
+) -> None:
+    """GRU4Rec and BERT4Rec trained on all positions export and re-score like SASRec."""
+    from recflow_testdata import tiny_config
+
+    from core.dataset import build_dataset
+    from core.extract import extract
+    from core.training import train
+
+    config = tiny_config(tmp_path, tiny_csv, {"model.name": name, "model.params": params, "training.epochs": 3})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    splits = build_dataset(extract(config, run_dir), config, run_dir)
+    trained = train(config, splits, run_dir)
+    assert trained.objective == "all_positions"
+    record, _ = export_model(config, splits, trained, run_dir)
+    assert record.exported and record.max_abs_diff is not None and record.max_abs_diff <= 1e-4
+    data = load_recbole_data(config, splits, trained.checkpoint.parent)
+    _, direct = ranking_metrics(data, load_trained(data, trained.checkpoint), run_dir / "direct.pth")
+    rescored = rescore_champion(data, record.card_path.parent, run_dir / "champion.pth")
+    assert direct["ndcg@10"] > 0.1
+    for key, value in direct.items():
+        assert rescored[key] == pytest.approx(value, abs=1e-4), key
