@@ -33,7 +33,10 @@ _KEY = [USER, ITEM, TIME]
 def source_key(config: PipelineConfig) -> str:
     """Readable, stable folder name per source identity (never derived from secrets)."""
     s = config.source
-    identity = "|".join(str(x) for x in (s.kind, s.table, s.url, s.dsn_env, s.path, s.synthetic_seed))
+    parts: tuple[object, ...] = (s.kind, s.table, s.url, s.dsn_env, s.path, s.synthetic_seed)
+    if s.kind == "synthetic":  # another size is other data
+        parts += (s.synthetic_users, s.synthetic_questions, s.synthetic_attempts_per_user)
+    identity = "|".join(str(x) for x in parts)
     slug = re.sub(r"[^a-z0-9]+", "-", config.data_name.lower()).strip("-") or "source"
     return f"{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 

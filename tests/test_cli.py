@@ -94,9 +94,10 @@ def test_renamed_columns_train_and_summary_contract(trained: CliResult, workdir:
     assert SUMMARY_KEYS <= set(s)
     assert s["status"] == "promoted"  # first run, beats Pop
     assert (s["stage"], s["error"]) == ("deploy", None)
-    assert set(s["metrics"]) == {"test", "baseline"}
+    # A sequential model: also scored with seen items masked (as EASE/BPR are, and as serving answers).
+    assert set(s["metrics"]) == {"test", "baseline", "test_seen_masked"}
     assert 0 < s["metrics"]["baseline"]["ndcg@10"] < s["metrics"]["test"]["ndcg@10"] <= 1
-    assert len(s["metrics"]["test"]) == 15
+    assert len(s["metrics"]["test"]) == len(s["metrics"]["test_seen_masked"]) == 15
     assert s["registry"] == str((workdir / "registry").resolve())  # relative flag, absolute summary
     registry = Registry(workdir / "registry")
     assert registry.champion_version(REGISTRY_NAME) == s["model_version"]
@@ -106,7 +107,9 @@ def test_renamed_columns_train_and_summary_contract(trained: CliResult, workdir:
     assert card["config"]["columns"] == {"user": "learner", "item": "question_id", "time": "created_at",
                                          "rating": None, "extra": []}
     assert card["config"]["model"]["params"]["hidden_size"] == 16  # from --config
-    assert "PROMOTED" in trained.stdout
+    assert "PROMOTED" in trained.stdout and "seen masked" in trained.stdout
+    assert card["training"]["objective"] == "all_positions" and card["training"]["stop_reason"] == "epoch cap"
+    assert card["metrics"]["test_seen_masked"] == s["metrics"]["test_seen_masked"]
 
 
 def test_broken_csv_stops_at_validate_and_keeps_the_champion(trained: CliResult, workdir: Path) -> None:
@@ -150,6 +153,13 @@ def test_unknown_model_fails_before_the_flow(workdir: Path) -> None:
     assert_user_error(result, "config", "unknown model 'NotAModel'")
     assert result.code == 2
     assert "Starting temporary server" not in result.stderr  # failed fast, no Prefect
+
+
+def test_a_bad_training_objective_is_one_config_error(workdir: Path) -> None:
+    result = run_cli(workdir, "--data", f"good/{DATA_NAME}", *COLUMN_FLAGS, "--objective", "every_item",
+                     "--loss", "ce", "--max-minutes", "2", summary="objective.json")
+    assert_user_error(result, "config", "training.objective: Input should be 'all_positions' or 'last_item'")
+    assert result.code == 2
 
 
 def test_cli_reexecs_with_the_same_malloc_tunables_as_deployments() -> None:

@@ -121,6 +121,12 @@ def test_source_key_is_stable_and_distinguishes_sources(tmp_path: Path) -> None:
     assert source_key(a) == source_key(tiny_config(tmp_path, tmp_path / "a.csv"))
     assert source_key(a) != source_key(b)
     assert source_key(a).startswith("a-")
+    synth = {"source.kind": "synthetic"}
+    base = source_key(tiny_config(tmp_path, None, synth))
+    assert base == source_key(tiny_config(tmp_path, None, synth))
+    for key, value in (("source.synthetic_users", 999), ("source.synthetic_questions", 8000),
+                       ("source.synthetic_attempts_per_user", 39.0), ("source.synthetic_seed", 7)):
+        assert source_key(tiny_config(tmp_path, None, synth | {key: value})) != base, key
 
 
 def test_drift_baseline_prefers_the_store_then_a_same_source_champion(tmp_path: Path) -> None:
