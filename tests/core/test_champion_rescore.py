@@ -89,6 +89,6 @@ def test_all_position_models_are_rescored_as_they_scored(
     data = load_recbole_data(config, splits, trained.checkpoint.parent)
     _, direct = ranking_metrics(data, load_trained(data, trained.checkpoint), run_dir / "direct.pth")
     rescored = rescore_champion(data, record.card_path.parent, run_dir / "champion.pth")
-    assert direct["ndcg@10"] > 0.1
+    assert direct["ndcg@10"] > 0.02  # hits to compare, not an all-zero comparison
     for key, value in direct.items():
         assert rescored[key] == pytest.approx(value, abs=1e-4), key

@@ -26,8 +26,9 @@ def test_card_contents_round_trip(tiny_run: TinyRun, tmp_path: Path) -> None:
     assert loaded["data"]["rows"] == tiny_run.snapshot.rows
     assert (loaded["data"]["users"], loaded["data"]["items"]) == (80, tiny_run.splits.items)
     assert loaded["data"]["time_range"] == [tiny_run.snapshot.min_time, tiny_run.snapshot.max_time]
+    assert evaluation.test_seen_masked is not None  # SASRec: also scored with seen items masked
     assert loaded["metrics"] == {"test": evaluation.test, "valid": evaluation.valid,
-                                 "baseline_pop": evaluation.baseline}
+                                 "baseline_pop": evaluation.baseline, "test_seen_masked": evaluation.test_seen_masked}
     assert loaded["gate"]["promote"] is evaluation.gate.promote
     assert loaded["training"]["epochs_run"] == 2
     assert loaded["training"]["best_epoch"] == tiny_run.trained.best_epoch

@@ -55,7 +55,7 @@ def test_first_run_is_promoted(env: FlowEnv, first: PipelineResult) -> None:
     assert (first.stage, first.error) == ("deploy", None)
     assert first.gate is not None and first.gate.promote is True
     assert first.gate.champion is None and first.gate.champion_version is None
-    assert set(first.metrics) == {"test", "valid", "baseline"}
+    assert set(first.metrics) == {"test", "valid", "baseline", "test_seen_masked"}
     assert first.metrics["test"]["ndcg@10"] > first.metrics["baseline"]["ndcg@10"]
     assert first.model_version is not None
     assert first.champion == first.model_version
