@@ -13,7 +13,7 @@ Losses (``training.loss``):
 
 * ``ce``: cross-entropy over the full catalogue (the default; SASRec+);
 * ``sampled_softmax``: cross-entropy over the target and ``training.negatives`` items drawn
-  uniformly per batch (shared by its positions; a negative equal to the target is masked);
+  uniformly per window (shared by its positions; a negative equal to the target is masked);
 * ``gbce``: gSASRec's generalised binary cross-entropy over the same negatives, with the
   calibration ``training.gbce_t``.
 
@@ -73,24 +73,30 @@ class AllPositionLoss:
         else:
             with _every_position(self.model):
                 hidden = self.model(items, interaction[LENGTHS])  # type: ignore[operator]
-        keep = targets > 0
-        return self.score(hidden[keep], targets[keep])
+        return self.score(hidden, targets)
 
     def score(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The batch's mean loss for ``hidden`` [N, H] predicting ``targets`` [N]."""
+        """The batch's mean loss for ``hidden`` [B, L, H] predicting ``targets`` [B, L] (0: no target)."""
         weight, bias = _catalogue(self.model)
+        keep = targets > 0
         if self.loss == "ce":
             # Item 0 is padding, never an answer: score items 1.. only (20% cheaper than masking it).
-            logits = hidden @ weight[1:].T
+            logits = hidden[keep] @ weight[1:].T
             if bias is not None:
                 logits = logits + bias[1:]
-            return F.cross_entropy(logits, targets - 1)
-        negatives = torch.randint(1, self.n_items, (self.negatives,), device=hidden.device)
-        pos = (hidden * weight[targets]).sum(-1, keepdim=True)
-        neg = hidden @ weight[negatives].T
+            return F.cross_entropy(logits, targets[keep] - 1)
+        # Negatives drawn per window (shared by its positions): one set for the whole batch pushes
+        # the same k items down at every position of a step, and BCE then stops learning.
+        negatives = torch.randint(1, self.n_items, (hidden.shape[0], self.negatives), device=hidden.device)
+        neg = torch.bmm(hidden, weight[negatives].transpose(1, 2))  # [B, L, k]
         if bias is not None:
-            pos, neg = pos + bias[targets].unsqueeze(-1), neg + bias[negatives]
-        hit = negatives.unsqueeze(0) == targets.unsqueeze(1)
+            neg = neg + bias[negatives].unsqueeze(1)
+        rows = keep.nonzero()[:, 0]
+        hidden, targets, neg = hidden[keep], targets[keep], neg[keep]
+        pos = (hidden * weight[targets]).sum(-1, keepdim=True)
+        if bias is not None:
+            pos = pos + bias[targets].unsqueeze(-1)
+        hit = negatives[rows] == targets.unsqueeze(1)
         if self.loss == "sampled_softmax":
             logits = torch.cat([pos, neg.masked_fill(hit, float("-inf"))], dim=1)
             return F.cross_entropy(logits, torch.zeros_like(targets))
