@@ -57,9 +57,11 @@ def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> 
         key=artifact_key("training-health", config.registry_name),
         description=f"{trained.model_name}: early-warning signs and the training curve",
     )
-    logger.info("best epoch %d (%s %.4f), %d parameters, %.1fs on %s; %s ended training (%s objective)",
-                trained.best_epoch + 1, trained.valid_metric, trained.best_valid_score or float("nan"),
-                trained.parameters, trained.seconds, trained.device, trained.stop_reason, trained.objective)
+    unit = "windows" if trained.objective == "all_positions" else "rows"
+    logger.info("best epoch %d (%s %.4f), %d parameters, %.1fs on %s; %s ended training (%s objective, %s %s "
+                "an epoch)", trained.best_epoch + 1, trained.valid_metric, trained.best_valid_score or float("nan"),
+                trained.parameters, trained.seconds, trained.device, trained.stop_reason, trained.objective,
+                trained.train_rows, unit)
     return trained
 
 
