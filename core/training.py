@@ -768,4 +768,7 @@ def train_loader(config: PipelineConfig, data: RecBoleData, model: torch.nn.Modu
         loader = WindowLoader.build(data.config, data.train.dataset, stride, seed=t.seed, mask=mask)
     except ValueError as exc:
         raise TrainingError(f"all-position training: {exc}") from None
+    if t.loss == "gbce":
+        log.warning("training.loss=gbce did not learn in recflow's ml-100k measurements (benchmarks/README.md); "
+                    "sampled_softmax matched full cross-entropy there")
     return loader, AllPositionLoss(model, kind, t.loss, t.negatives, t.gbce_t)
