@@ -24,7 +24,6 @@ from core import recbole_compat as rb
 from core.config import PipelineConfig
 from core.devices import resolve_device
 from core.errors import ConfigError, DataValidationError
-from core.model_defaults import model_defaults
 from core.records import ITEM, RATING, TIME, USER, DatasetSplits, Snapshot
 from core.recbole_compat import _PANDAS_NA_STRINGS, load_inter_sidecar, recbole_fast_paths  # noqa: F401  (re-exported)
 
@@ -166,7 +165,6 @@ def recbole_config_dict(
         out["LABEL_FIELD"] = RATING
         out["train_neg_sample_args"] = None
         out["eval_args"]["mode"] = "labeled"
-    out.update(model_defaults(config.model.name))
     out.update(config.model.params)
     if _model_loss_type(config.model.name, config.model.params) == "CE":
         out["train_neg_sample_args"] = None
