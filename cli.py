@@ -19,7 +19,7 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="recflow: train, gate and ship recommenders.")
 
-# glibc malloc thresholds (see core.devices.MALLOC_TUNABLES) must be set before the process
+# glibc malloc thresholds (see core.modeling.devices.MALLOC_TUNABLES) must be set before the process
 # starts, so the CLI re-executes itself once with them.
 _MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 
@@ -133,18 +133,18 @@ def run(
                                "model_version": None, "registry": None}
     try:
         from core.config import load_config
-        from core.recbole_compat import canonical_model_name
+        from core.modeling.recbole_compat import canonical_model_name
 
         if dsn is not None:
             _use_dsn_flag(dsn, dsn_env or "RECFLOW_PG_DSN")
         cfg = load_config(config, overrides)
         cfg.model.name = canonical_model_name(cfg.model.name)
-        from core.dataset import check_rating_setup
+        from core.modeling.dataset import check_rating_setup
 
         check_rating_setup(cfg)  # evaluation.task=rating with a model that only ranks: say so before any work
         summary["registry"] = str(cfg.registry.path.resolve())
         summary["stage"] = "extract"
-        from core.extract import preflight
+        from core.data.extract import preflight
 
         preflight(cfg)
     except RecflowError as exc:
@@ -260,7 +260,7 @@ def recommend(
 ) -> None:
     """Score with a registered model (the champion by default) through onnxruntime."""
     from core.errors import RecflowError
-    from core.registry import Registry
+    from core.release.registry import Registry
     from core.serving.scorer import OnnxScorer
 
     try:
@@ -351,7 +351,7 @@ def data_synth(
     Realistic size: --users 22000 --questions 8000 --attempts-per-user 39 (about 860k attempts).
     """
     from core.errors import RecflowError
-    from core.sources.synthetic import write_question_bank
+    from core.data.sources.synthetic import write_question_bank
 
     if users < 2:
         _fail(f"--users must be at least 2, got {users}")
@@ -417,7 +417,7 @@ def deploy(
     typer.echo(f"start a worker on the GPU host: PREFECT_API_URL={result.api_url} prefect worker start --pool {result.pool}")
 
 
-# --- the production host (SFTP; core/shipping/sftp.py) -----------------------------------------
+# --- the production host (SFTP; core/release/shipping/sftp.py) -----------------------------------------
 # Target settings come from --config's `shipping:` section, each overridable by a flag. Exit 2:
 # a mistake found before connecting (config, local registry, key); exit 1: the host step failed.
 _ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML with a `shipping:` section")]
@@ -435,7 +435,7 @@ def _shipping_target(config: Optional[Path], registry: Optional[Path], flags: di
 
     from core.config import load_config
     from core.errors import RecflowError
-    from core.shipping import load_private_key
+    from core.release.shipping import load_private_key
 
     # paramiko logs transport errors with tracebacks on its own; our errors say it in one line.
     _logging.getLogger("paramiko").setLevel(_logging.CRITICAL)
@@ -482,8 +482,8 @@ def ship(
 ) -> None:
     """Ship a registered version (the local champion by default) to the production host as its champion."""
     from core.errors import RecflowError, ShippingError
-    from core.registry import Registry
-    from core.shipping import ship_version
+    from core.release.registry import Registry
+    from core.release.shipping import ship_version
 
     cfg, key = _shipping_target(config, registry, _target_flags(host, port, user, remote_dir, known_hosts, key_env))
     try:
@@ -522,7 +522,7 @@ def rollback(
 ) -> None:
     """Point the production host's champion back at the previous (or a given) shipped version."""
     from core.errors import ShippingError
-    from core.shipping import rollback as remote_rollback
+    from core.release.shipping import rollback as remote_rollback
 
     cfg, key = _shipping_target(config, None, _target_flags(host, port, user, remote_dir, known_hosts, key_env))
     try:
@@ -544,7 +544,7 @@ def remote_status_cmd(
 ) -> None:
     """List the versions on the production host, oldest first; '*' marks its champion."""
     from core.errors import ShippingError
-    from core.shipping import remote_status
+    from core.release.shipping import remote_status
 
     cfg, key = _shipping_target(config, None, _target_flags(host, port, user, remote_dir, known_hosts, key_env))
     try:
@@ -563,7 +563,7 @@ def remote_status_cmd(
 @app.command()
 def models() -> None:
     """List the RecBole model names recflow can train."""
-    from core.recbole_compat import available_models
+    from core.modeling.recbole_compat import available_models
 
     for name in sorted(available_models().values()):
         typer.echo(name)

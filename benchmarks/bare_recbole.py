@@ -17,8 +17,8 @@ Each side runs in its own subprocess (this script re-invokes itself with ``--sid
   test set is evaluated with ``load_best_model=False``, exactly as RecBole would otherwise.
   It runs with its working directory in a temp folder (it writes ./log, ./log_tensorboard,
   ./saved there).
-* ``recflow``: ``core.config.load_config`` + ``core.extract.extract`` +
-  ``core.dataset.build_dataset`` + ``core.training.train`` + ``core.evaluation.ranking_metrics``
+* ``recflow``: ``core.config.load_config`` + ``core.data.extract.extract`` +
+  ``core.modeling.dataset.build_dataset`` + ``core.modeling.training.train`` + ``core.modeling.evaluation.ranking_metrics``
   in a temp run folder, in a process with the GLIBC_TUNABLES that recflow's CLI sets.
 
 Both sides use the same RecBole configuration (checked: the parent compares the two sides'
@@ -270,10 +270,10 @@ def run_recflow(epochs: int, threads: int | None, work: Path) -> dict[str, Any]:
     import torch
 
     from core.config import load_config
-    from core.dataset import build_dataset, load_recbole_data
-    from core.evaluation import ranking_metrics
-    from core.extract import extract
-    from core.training import load_trained, train
+    from core.modeling.dataset import build_dataset, load_recbole_data
+    from core.modeling.evaluation import ranking_metrics
+    from core.data.extract import extract
+    from core.modeling.training import load_trained, train
 
     t_imported = time.perf_counter()
     cfg = load_config(overrides=recflow_overrides(epochs, threads, work / "runs"))

@@ -20,13 +20,13 @@ with ``--step``), so each step's peak RSS is its own: the child's
 child). The steps are recflow's own functions with a file-source config, as the flow
 calls them:
 
-* extract  ``core.extract.extract``  (source -> sorted snapshot.parquet + fingerprint)
-* validate ``core.validation.validate_snapshot`` (GX suite + polars checks; ``previous_rows``
+* extract  ``core.data.extract.extract``  (source -> sorted snapshot.parquet + fingerprint)
+* validate ``core.data.validation.validate_snapshot`` (GX suite + polars checks; ``previous_rows``
   set to the row count, so the drift check runs too)
-* build    ``core.dataset.build_dataset`` (atomic files + RecBole dataset + split + dataloaders)
+* build    ``core.modeling.dataset.build_dataset`` (atomic files + RecBole dataset + split + dataloaders)
 
 Children run with the GLIBC_TUNABLES recflow's CLI sets (as a real run has them), unless
-``--no-tunables``; ``--no-fast`` switches off core.dataset's RecBole fast paths
+``--no-tunables``; ``--no-fast`` switches off core.modeling.dataset's RecBole fast paths
 (RECFLOW_RECBOLE_FAST=0: RecBole's own loading, splitting, samplers and loaders) for a
 before/after comparison. The model is BPR by default (a general recommender).
 
@@ -35,7 +35,7 @@ augments the data to one row per prefix of every user history, with one
 (rows x MAX_ITEM_LIST_LENGTH) tensor per interaction field (item id, timestamp[, rating]);
 RecBole fills them in a Python loop over rows, the fast path by gathers. The build step then
 also times (separately, after the build's own figures are taken) what all-position training
-does next: ``core.window_loader.windows_from_train_split`` on the built train split
+does next: ``core.modeling.window_loader.windows_from_train_split`` on the built train split
 (max_len = the config's ``max_seq_length``, stride 25, unmasked; masked for BERT4Rec). Its
 peak RSS is reported apart from the build's. At 10M rows the augmented tensors alone are
 2-4 GB per field (length 50: int64 ids 4 GB, float32 2 GB), beyond this machine: size
@@ -141,11 +141,11 @@ def run_step(step: str, data: Path, run_dir: Path, model: str, profile: bool) ->
     from core.config import PipelineConfig  # noqa: F401  (imports are timed apart from the step)
 
     if step == "extract":
-        from core.extract import extract as call
+        from core.data.extract import extract as call
     elif step == "validate":
-        from core.validation import validate_snapshot as call
+        from core.data.validation import validate_snapshot as call
     else:
-        from core.dataset import build_dataset as call
+        from core.modeling.dataset import build_dataset as call
     from core.records import Snapshot
 
     imported = time.perf_counter()
@@ -201,12 +201,12 @@ def _window_cut(config: Any, splits: Any, run_dir: Path) -> dict[str, Any]:
     """Sequential models: time all-position training's window cut on the built train split."""
     from recbole.utils import ModelType
 
-    from core.dataset import load_recbole_data
+    from core.modeling.dataset import load_recbole_data
 
     data = load_recbole_data(config, splits, run_dir / "checkpoints")  # build_dataset's (cached) data
     if data.config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         return {}
-    from core.window_loader import windows_from_train_split
+    from core.modeling.window_loader import windows_from_train_split
 
     train = data.train.dataset
     max_len = int(data.config["MAX_ITEM_LIST_LENGTH"])

@@ -10,7 +10,7 @@ RecTools (``rectools[torch]==0.19.0``) lives in its own virtual environment,
 benchmarks/README.md for how to make it. Two processes, each in its own environment:
 
 * ``--export`` (recflow's environment, imports ``core``): loads the split ``time_to_quality.py
-  --prepare`` wrote to ``benchmarks/.ttq/data`` through ``core.dataset.load_recbole_data`` and writes
+  --prepare`` wrote to ``benchmarks/.ttq/data`` through ``core.modeling.dataset.load_recbole_data`` and writes
   ``benchmarks/.ttq/peer/split.csv``, one row per interaction: user and item as raw tokens
   (``dataset.id2token``), its position in the user's sequence and its part (``train``, ``valid``,
   ``test``). A user's train sequence is rebuilt from RecBole's augmented train rows exactly as
@@ -128,9 +128,9 @@ def export_split(threads: int) -> None:
     torch.set_num_threads(threads)
     sys.path.insert(0, str(REPO))
     from core.config import load_config
-    from core.dataset import load_recbole_data
+    from core.modeling.dataset import load_recbole_data
     from core.records import DatasetSplits
-    from core.sequence_windows import sequences_from_train_rows
+    from core.modeling.sequence_windows import sequences_from_train_rows
 
     splits_path = TTQ / "data" / "splits.json"
     if not splits_path.is_file():
@@ -227,7 +227,7 @@ def _check_recflow_model(data: Any, df: Any) -> dict[str, Any] | None:
     import torch
     from recbole.data.interaction import Interaction
 
-    from core.training import load_trained
+    from core.modeling.training import load_trained
 
     recorded = json.loads(recorded_path.read_text())
     model = load_trained(data, ckpt)

@@ -7,8 +7,8 @@
 
 (a) Scorer: the champion's ``model.onnx`` in onnxruntime (as the server runs it: one
     intra-op thread, CPU or CUDA provider) against the same version's ``best.pth`` in torch
-    eager (``core.training.load_trained`` on a dataset rebuilt from the version's
-    ``config.yaml``, as ``core.export`` does for its parity check), on the same random
+    eager (``core.modeling.training.load_trained`` on a dataset rebuilt from the version's
+    ``config.yaml``, as ``core.modeling.export`` does for its parity check), on the same random
     full-length histories at batch 1 and 64, same thread count on both sides. Before timing,
     the two sides' scores are compared (max |diff|), so the timings are of the same model.
 
@@ -61,11 +61,11 @@ GOAL_P99_MS = 20.0
 def _tiny_registry(folder: Path) -> tuple[Path, str]:
     """Train, export and register a tiny SASRec on a synthetic walk (no registry given)."""
     from core.config import load_config
-    from core.dataset import build_dataset
-    from core.export import export_model
-    from core.extract import extract
-    from core.registry import Registry
-    from core.training import train
+    from core.modeling.dataset import build_dataset
+    from core.modeling.export import export_model
+    from core.data.extract import extract
+    from core.release.registry import Registry
+    from core.modeling.training import train
 
     rng = random.Random(0)
     rows = ["user_id,item_id,timestamp"]
@@ -129,9 +129,9 @@ def _time(fn: Any, runs: int, warmup: int = 10) -> list[float]:
 def _torch_model(version_dir: Path, work: Path) -> Any:
     """The version's best.pth in torch, on a dataset rebuilt from its config.yaml."""
     from core.config import load_config
-    from core.dataset import build_dataset, load_recbole_data
-    from core.extract import extract
-    from core.training import load_trained
+    from core.modeling.dataset import build_dataset, load_recbole_data
+    from core.data.extract import extract
+    from core.modeling.training import load_trained
 
     config = load_config(version_dir / "config.yaml", {"training.device": "cpu"})
     run_dir = work / "torch-side"
@@ -150,7 +150,7 @@ def _torch_model(version_dir: Path, work: Path) -> Any:
 def bench_scorer(version_dir: Path, threads: int, runs: int, work: Path) -> dict[str, Any]:
     import torch
 
-    from core.export import _SequentialScorer, _UserScorer, is_sequential
+    from core.modeling.export import _SequentialScorer, _UserScorer, is_sequential
     from core.serving.scorer import OnnxScorer
 
     torch.set_num_threads(threads)
@@ -360,7 +360,7 @@ def main() -> None:
             registry, model = _tiny_registry(work)
         else:
             registry, model = args.registry, _pick_model(args.registry, args.model)
-        from core.registry import Registry
+        from core.release.registry import Registry
 
         version = Registry(registry).champion_version(model)
         if version is None:

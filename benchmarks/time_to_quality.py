@@ -6,19 +6,19 @@
     python benchmarks/time_to_quality.py --report-only        # just the table from what is saved
 
 SASRec on MovieLens-100k, one torch thread per side, the same split on both sides: both read
-recflow's own atomic file (``core.extract.extract`` + ``core.dataset.build_dataset``, written once
+recflow's own atomic file (``core.data.extract.extract`` + ``core.modeling.dataset.build_dataset``, written once
 into ``<work>/data``), so same-second ratings are ordered the same way (by item id) on both.
 
 * ``bare``: RecBole 1.2.1's own ``Config``, ``create_dataset``, ``data_preparation``, ``get_model``,
   ``get_trainer`` and ``trainer.fit`` in a process that never imports ``core`` (importing
-  ``core.recbole_compat`` installs recflow's RecBole fast paths). RecBole's SASRec defaults (dropout
+  ``core.modeling.recbole_compat`` installs recflow's RecBole fast paths). RecBole's SASRec defaults (dropout
   0.5), lr 0.001, batch 1024 (as ``bare_recbole.py``; RecBole's default is 2048), stopping_step 10,
   epoch cap 300. Anomaly detection, which importing RecBole's sequential models switches on, is
   switched off again (it is a ~2x slowdown that says nothing about the objective). It checkpoints
   after every epoch (model, optimizer, every RNG, early-stopping state, cumulative CPU and wall
   seconds) and resumes from there when run again, so a run can span sessions. Each epoch's test
   NDCG@10/Hit@10 is evaluated too (its cost is not counted).
-* ``recflow``: ``core.training.train`` with recflow's defaults (``training.objective:
+* ``recflow``: ``core.modeling.training.train`` with recflow's defaults (``training.objective:
   all_positions``), and optionally ``last_item`` for a few epochs; each epoch's test metrics come
   from the ``latest.pth`` recflow writes before its ``on_epoch`` callback (not counted either).
 
@@ -171,8 +171,8 @@ def prepare(work: Path) -> None:
     p = _paths(work)
     c0, t0 = time.process_time(), time.perf_counter()
     from core.config import load_config
-    from core.dataset import build_dataset, load_recbole_data
-    from core.extract import extract
+    from core.modeling.dataset import build_dataset, load_recbole_data
+    from core.data.extract import extract
 
     cfg = load_config(None, {"runs_dir": work / "runs", "training.threads": 1})
     p["data"].mkdir(parents=True, exist_ok=True)
@@ -464,7 +464,7 @@ def _write_bare_status(p: dict[str, Path], records: list[dict[str, Any]], reason
 
 
 # ---------------------------------------------------------------------------------------
-# --recflow-side: core.training.train on the same atomic file (imports core)
+# --recflow-side: core.modeling.training.train on the same atomic file (imports core)
 # ---------------------------------------------------------------------------------------
 
 
@@ -475,12 +475,12 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
     import torch
 
     torch.set_num_threads(threads)
-    from core import recbole_compat as rb
+    from core.modeling import recbole_compat as rb
     from core.config import load_config
-    from core.dataset import load_recbole_data
-    from core.evaluation import ranking_metrics, seen_masked_metrics
+    from core.modeling.dataset import load_recbole_data
+    from core.modeling.evaluation import ranking_metrics, seen_masked_metrics
     from core.records import DatasetSplits
-    from core.training import build_model, load_trained, make_trainer, rng_state, set_rng_state, train
+    from core.modeling.training import build_model, load_trained, make_trainer, rng_state, set_rng_state, train
 
     run_dir = work / "recflow" / objective
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: a resumed one would not measure time to quality

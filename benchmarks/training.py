@@ -8,9 +8,9 @@ For each preset (globbed at run time, so new presets are picked up), two subproc
 after the other:
 
 * ``recflow``: ``core.config.load_config(preset)`` (``training.epochs`` and ``threads`` from
-  the flags) + ``extract`` + ``build_dataset`` + ``core.training.train`` in a temp run folder,
+  the flags) + ``extract`` + ``build_dataset`` + ``core.modeling.training.train`` in a temp run folder,
   with the ``GLIBC_TUNABLES`` that recflow's CLI sets. It writes the RecBole config dict
-  recflow built (``core.dataset.recbole_config_dict``; the batch it trained at, ``auto`` resolved).
+  recflow built (``core.modeling.dataset.recbole_config_dict``; the batch it trained at, ``auto`` resolved).
 * ``bare``: RecBole's documented steps (``benchmarks/bare_recbole.py``'s ``fit_bare``) with that
   same dict, minus recflow's paths, on RecBole's own ml-100k copy, no ``GLIBC_TUNABLES``, anomaly
   detection as RecBole leaves it. The same model configuration in the same run; the data differ
@@ -64,10 +64,10 @@ def run_recflow_side(preset: Path, epochs: int, threads: int | None, work: Path)
     import torch
 
     from core.config import load_config
-    from core.dataset import _has_rating_column, build_dataset, load_recbole_data, recbole_config_dict
-    from core import training
-    from core.extract import extract
-    from core.training import train
+    from core.modeling.dataset import _has_rating_column, build_dataset, load_recbole_data, recbole_config_dict
+    from core.modeling import training
+    from core.data.extract import extract
+    from core.modeling.training import train
 
     # Measurement only: the process's CPU time per epoch, as fit_bare records it on the bare side.
     epoch_cpu: list[float] = []

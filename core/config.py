@@ -167,7 +167,7 @@ class TrainingConfig(_Strict):
     train_batch_size: int | Literal["auto"] | None = Field(
         default=None,
         description="rows per optimizer step (windows on the all_positions path), or 'auto': on a GPU, probe the "
-        "largest batch that fits with auto_batch_headroom spare (core/batch_finder.py); on CPU, the default. "
+        "largest batch that fits with auto_batch_headroom spare (core/modeling/batch_finder.py); on CPU, the default. "
         "Default: 128 windows (all_positions), 1024 rows otherwise",
     )
     auto_batch_headroom: float = Field(
@@ -215,7 +215,7 @@ class TrainingConfig(_Strict):
     )
 
     # train_batch_size=auto on CPU (nothing to probe), and what RecBole's loaders are built with
-    # until the batch finder has chosen (core/batch_finder.py).
+    # until the batch finder has chosen (core/modeling/batch_finder.py).
     AUTO_BATCH_DEFAULT: ClassVar[int] = 1024
     WINDOW_BATCH_DEFAULT: ClassVar[int] = 128
 
@@ -354,7 +354,7 @@ NotifyEvent = Literal["failure", "promotion", "rejection"]
 
 
 class NotifyConfig(_Strict):
-    """Webhook notifications (Discord/Slack-style JSON POST) sent by the flow's hooks (core/notify.py).
+    """Webhook notifications (Discord/Slack-style JSON POST) sent by the flow's hooks (core/release/notify.py).
 
     The webhook URL is a secret (it alone authorises posting), so it is never in the config: it is
     read from the environment variable ``webhook_env`` or, when that is unset, from the Prefect
@@ -376,7 +376,7 @@ class NotifyConfig(_Strict):
 
 
 class ShippingConfig(_Strict):
-    """Ship the champion to a production host over SFTP (core/shipping/sftp.py).
+    """Ship the champion to a production host over SFTP (core/release/shipping/sftp.py).
 
     Key authentication only, strict host-key checking against ``known_hosts`` (unknown hosts
     are refused, never added). The private key is never in the config: ``key_env`` names an

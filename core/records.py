@@ -87,7 +87,7 @@ class BatchProbe(BaseModel):
 
 
 class AutoBatch(BaseModel):
-    """How ``training.train_batch_size: auto`` was resolved (core/batch_finder.py)."""
+    """How ``training.train_batch_size: auto`` was resolved (core/modeling/batch_finder.py)."""
 
     batch: int
     method: Literal["probed", "default", "resumed"] = Field(

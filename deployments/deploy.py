@@ -115,7 +115,7 @@ def check_api(api_url: str, timeout: float = 5.0) -> None:
 
 def _job_env(gpu: str) -> dict[str, str]:
     """The flow run's environment: its GPU, and (Linux) the malloc tunables the CLI also uses."""
-    from core.devices import MALLOC_TUNABLES
+    from core.modeling.devices import MALLOC_TUNABLES
 
     return {"CUDA_VISIBLE_DEVICES": gpu, "GLIBC_TUNABLES": MALLOC_TUNABLES}
 

@@ -1,4 +1,4 @@
-"""Flow state hooks: turn a finished run into a webhook notification (core/notify.py).
+"""Flow state hooks: turn a finished run into a webhook notification (core/release/notify.py).
 
 Hooks run in the flow-run process after the final state is known. They must never change the
 run's outcome, so every step here is guarded and a problem is only logged.
@@ -11,7 +11,7 @@ from typing import Any
 
 from core.config import NotifyConfig, PipelineConfig
 from core.errors import PipelineFailed
-from core.notify import Outcome, notify
+from core.release.notify import Outcome, notify
 from core.records import PipelineResult
 from tasks._common import load_prefect_secret
 

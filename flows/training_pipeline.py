@@ -9,7 +9,7 @@ Run it ad hoc from Python::
 A failing step raises ``PipelineFailed`` naming the step; the champion is never touched
 unless the gate passed and the new version is complete in the registry.
 With ``shipping.enabled`` a promoted version is then shipped to the production host
-(``ship`` step, core/shipping/sftp.py); a rejected run ships nothing.
+(``ship`` step, core/release/shipping/sftp.py); a rejected run ships nothing.
 """
 
 from __future__ import annotations

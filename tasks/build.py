@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
-from core.dataset import build_dataset
+from core.modeling.dataset import build_dataset
 from core.records import DatasetSplits, Snapshot
 
 

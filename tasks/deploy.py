@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
 from core.records import Evaluation, ExportedModel, Promotion, TrainedModel
-from core.registry import Registry
+from core.release.registry import Registry
 
 
 @task(name="deploy", cache_policy=NO_CACHE)

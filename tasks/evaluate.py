@@ -7,10 +7,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
-from core.evaluation import BASELINE_NAMES, evaluate, metrics_table
+from core.modeling.evaluation import BASELINE_NAMES, evaluate, metrics_table
 from core.records import DatasetSplits, Evaluation, GateDecision, TrainedModel
-from core.registry import Registry
-from core.tracking import log_final_metrics
+from core.release.registry import Registry
+from core.modeling.tracking import log_final_metrics
 from tasks._common import artifact_key
 
 

@@ -6,8 +6,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
-from core.export import export_model
-from core.model_card import build_card, write_card
+from core.modeling.export import export_model
+from core.release.model_card import build_card, write_card
 from core.records import DatasetSplits, Evaluation, ExportedModel, Snapshot, TrainedModel
 
 

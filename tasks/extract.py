@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig, dump_config
-from core.extract import commit_snapshot, extract
+from core.data.extract import commit_snapshot, extract
 from core.records import Snapshot
 from core.run_folder import new_run_dir
 from tasks._common import load_prefect_secret, retry_unless_user_error

@@ -1,4 +1,4 @@
-"""ship: copy the promoted version to the production host over SFTP (core/shipping/sftp.py)."""
+"""ship: copy the promoted version to the production host over SFTP (core/release/shipping/sftp.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from core.config import PipelineConfig
 from core.errors import RecflowError, ShippingConnectionError
 from core.records import Promotion
-from core.shipping import ShipResult, ship_version
+from core.release.shipping import ShipResult, ship_version
 from tasks._common import artifact_key, load_prefect_secret
 
 

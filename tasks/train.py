@@ -9,8 +9,8 @@ from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
 from core.records import DatasetSplits, EpochStats, TrainedModel
-from core.tracking import TRAINING_CURVE
-from core.training import train
+from core.modeling.tracking import TRAINING_CURVE
+from core.modeling.training import train
 
 # A larger PNG is linked by path rather than embedded (artifacts are stored in Prefect's database).
 MAX_EMBEDDED_PNG = 200_000

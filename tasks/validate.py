@@ -7,10 +7,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
-from core.extract import drift_baseline
+from core.data.extract import drift_baseline
 from core.records import Snapshot, ValidationReport
-from core.registry import Registry
-from core.validation import raise_for_failures, report_markdown, validate_snapshot
+from core.release.registry import Registry
+from core.data.validation import raise_for_failures, report_markdown, validate_snapshot
 from tasks._common import artifact_key
 
 

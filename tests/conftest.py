@@ -37,9 +37,9 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory, tiny_rows: list[Interacti
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path) -> TinyRun:
     """One tiny SASRec trained on the tiny CSV (about 2 s), shared by many tests."""
-    from core.dataset import build_dataset
-    from core.extract import extract
-    from core.training import train
+    from core.modeling.dataset import build_dataset
+    from core.data.extract import extract
+    from core.modeling.training import train
 
     root = tmp_path_factory.mktemp("tiny-run")
     config = tiny_config(root, tiny_csv)

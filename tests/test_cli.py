@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from recflow_testdata import TINY_YAML, Interaction, write_csv
 
-from core.registry import CHAMPION, Registry
+from core.release.registry import CHAMPION, Registry
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_NAME = "answers.csv"
@@ -165,6 +165,6 @@ def test_a_bad_training_objective_is_one_config_error(workdir: Path) -> None:
 def test_cli_reexecs_with_the_same_malloc_tunables_as_deployments() -> None:
     # cli.py keeps its own copy so that `recflow` can re-exec before importing torch.
     import cli
-    from core.devices import MALLOC_TUNABLES
+    from core.modeling.devices import MALLOC_TUNABLES
 
     assert cli._MALLOC_TUNABLES == MALLOC_TUNABLES

@@ -40,7 +40,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from core.errors import RecflowError, ServingError
-from core.registry import CARD_FILE, CHAMPION, Registry, read_checksums
+from core.release.registry import CARD_FILE, CHAMPION, Registry, read_checksums
 from core.serving.scorer import MODEL_FILE, PADDING, OnnxScorer
 
 try:  # orjson: ~5x faster response encoding; plain json otherwise

@@ -13,8 +13,8 @@ from recflow_testdata import tiny_overrides
 
 from core.config import QUESTION_ATTEMPTS_COLUMNS, load_config
 from core.errors import PipelineFailed
-from core.registry import Registry
-from core.sources.synthetic import generate_question_attempts
+from core.release.registry import Registry
+from core.data.sources.synthetic import generate_question_attempts
 
 Breaker = Callable[[pl.DataFrame], pl.DataFrame]
 

@@ -15,8 +15,8 @@ from postgrest_standin import PostgrestStandIn
 from recflow_testdata import tiny_overrides
 
 from core.config import load_config
-from core.snapshot_store import SnapshotStore, source_key
-from core.sources.synthetic import generate_question_attempts
+from core.data.snapshot_store import SnapshotStore, source_key
+from core.data.sources.synthetic import generate_question_attempts
 
 pytest_plugins = ["pg_fixtures"]
 
@@ -152,7 +152,7 @@ def test_supabase_source_trains_through_the_rest_api_with_a_secret_block_key(
     assert card["data"]["rows"] == tonight.height
     assert card["data"]["source"].startswith("supabase:")
     # The same key as the Postgres run gives the same pseudonyms.
-    from core.privacy import pseudonym
+    from core.data.privacy import pseudonym
 
     snapshot = pl.read_parquet(Path(result.run_dir) / "snapshot.parquet")  # type: ignore[arg-type]
     first_raw = tonight["user_id"][0]

@@ -33,8 +33,8 @@ from fastapi.testclient import TestClient
 from recflow_testdata import DATA_FILE, TINY_YAML, Interaction, write_csv
 from sshd_server import SshServer
 
-from core.devices import MALLOC_TUNABLES
-from core.registry import Registry
+from core.modeling.devices import MALLOC_TUNABLES
+from core.release.registry import Registry
 from core.serving.app import create_app
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,8 +16,8 @@ from sshd_server import KEY_ENV, SshServer, shipping_settings
 from core.config import PipelineConfig
 from core.errors import HostKeyError, PipelineFailed, ShippingAuthError, ShippingConnectionError
 from core.records import PipelineResult
-from core.registry import CHAMPION, Registry
-from core.shipping import MANIFEST_FILE
+from core.release.registry import CHAMPION, Registry
+from core.release.shipping import MANIFEST_FILE
 from flows.training_pipeline import training_pipeline
 from tasks.ship import retry_on_connection_error
 

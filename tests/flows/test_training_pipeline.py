@@ -11,7 +11,7 @@ from recflow_testdata import DATA_FILE, Interaction, tiny_config, write_csv
 
 from core.config import PipelineConfig
 from core.errors import PipelineFailed
-from core.registry import CHAMPION, Registry
+from core.release.registry import CHAMPION, Registry
 from core.records import PipelineResult
 from core.serving.scorer import OnnxScorer
 from flows.training_pipeline import training_pipeline

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from core.config import PipelineConfig, load_config
 from core.records import DatasetSplits, TrainedModel
-from core.registry import CHAMPION, Registry
+from core.release.registry import CHAMPION, Registry
 from core.serving.scorer import OnnxScorer
 from flows.training_pipeline import training_pipeline
 
@@ -125,10 +125,10 @@ def test_a_graph_that_runs_only_at_its_trace_batch_is_not_exported(
 ) -> None:
     """Without its by-design reason, ItemKNN traces (numpy scores frozen for the 2-row example) into a
     graph onnxruntime cannot run on the parity batch: export says so instead of failing the run."""
-    import core.export as export
-    from core.dataset import build_dataset
-    from core.extract import extract
-    from core.training import train
+    import core.modeling.export as export
+    from core.modeling.dataset import build_dataset
+    from core.data.extract import extract
+    from core.modeling.training import train
 
     config = load_config(REPO / "configs" / "ml-100k-itemknn.yaml", tiny_overrides(tmp_path, rating_csv)
                          | {"model.params": TINY["ItemKNN"][0]})
@@ -148,7 +148,7 @@ def test_a_graph_that_runs_only_at_its_trace_batch_is_not_exported(
 
 
 def _model(config: PipelineConfig, splits: DatasetSplits, trained: TrainedModel) -> torch.nn.Module:
-    from core.dataset import load_recbole_data
-    from core.training import load_trained
+    from core.modeling.dataset import load_recbole_data
+    from core.modeling.training import load_trained
 
     return load_trained(load_recbole_data(config, splits, trained.checkpoint.parent), trained.checkpoint)

@@ -1,0 +1,1 @@
+"""Data: sources, extract, snapshot store, pseudonymisation, validation. Imports neither torch nor RecBole."""

@@ -1,0 +1,258 @@
+"""export: ONNX graph, torch-vs-ONNX parity on real test users, latency, vocabularies.
+
+Inputs: ``item_seq`` [B, L] int64 + ``item_seq_len`` [B] int64 for sequential models,
+``user_id`` [B] int64 otherwise. Output: ``scores`` [B, n_items] over all internal item
+ids; column 0 is RecBole's padding id and must be masked by the consumer (the scorer
+in ``core.serving`` does).
+
+Not every model is exported (the step still succeeds, the card's ``export`` says why and the
+registry keeps the checkpoint): RecBole's traditional models (ItemKNN, EASE, ...) score
+through scipy/numpy matrices outside torch, which a trace would freeze into constants of
+the example batch; rating models (``evaluation.task: rating``) predict one (user, item)
+pair, there is no "score every item" input to serve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.config import PipelineConfig
+from core.modeling.dataset import RecBoleData, load_recbole_data
+from core.errors import ExportError
+from core.records import DatasetSplits, ExportedModel, TrainedModel
+from core.serving.scorer import mask_scores, top_k
+from core.modeling.training import load_trained
+
+MODEL_FILE = "model.onnx"
+ITEM_VOCAB_FILE = "item_ids.json"
+USER_VOCAB_FILE = "user_ids.json"
+SIGNATURE_FILE = "signature.json"
+
+
+class _SequentialScorer(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        inter = {self.model.ITEM_SEQ: item_seq, self.model.ITEM_SEQ_LEN: item_seq_len}
+        return self.model.full_sort_predict(inter).view(item_seq.shape[0], -1)
+
+
+class _UserScorer(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, user_id: torch.Tensor) -> torch.Tensor:
+        return self.model.full_sort_predict({self.model.USER_ID: user_id}).view(user_id.shape[0], -1)
+
+
+def is_sequential(model: torch.nn.Module) -> bool:
+    return hasattr(model, "ITEM_SEQ") and hasattr(model, "ITEM_SEQ_LEN")
+
+
+def not_exportable_reason(config: PipelineConfig, model: torch.nn.Module, model_name: str) -> str | None:
+    """Why ``model`` is not exported to ONNX by design, or None when it should be."""
+    from recbole.utils import ModelType
+
+    if config.evaluation.task == "rating":
+        return (f"{model_name} is a rating-prediction model: it predicts one (user, item) pair's rating, it does "
+                "not score every item from an input, so there is no ONNX scorer to serve; the registry keeps "
+                "its checkpoint (best.pth)")
+    if getattr(model, "type", None) == ModelType.TRADITIONAL:
+        return (f"{model_name} is a RecBole traditional model: it scores through scipy/numpy matrices outside "
+                "torch, which ONNX tracing would freeze into constants of the example batch; the registry "
+                "keeps its checkpoint (best.pth), serve it with RecBole")
+    return None
+
+
+def _append_mask_token(mask_token: int, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+    """BERT4Rec's ``reconstruct_test_data`` without its Python loop over the batch (which a trace
+    would unroll for the example's batch size): the mask token goes after each sequence's last item."""
+    pad = torch.zeros_like(item_seq[:, :1])
+    seq = torch.cat((item_seq, pad), dim=-1)
+    seq = seq.scatter(1, item_seq_len.view(-1, 1).long(), torch.full_like(pad, mask_token))
+    return seq[:, 1:]
+
+
+@contextmanager
+def _traceable(model: torch.nn.Module) -> Iterator[None]:
+    """Swap per-row Python loops in a model's predict path for batched tensor ops while tracing.
+
+    Parity is then checked against the model's own (unswapped) code on real test users.
+    """
+    if hasattr(model, "reconstruct_test_data") and hasattr(model, "mask_token"):  # BERT4Rec
+        model.reconstruct_test_data = partial(_append_mask_token, int(model.mask_token))  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del model.reconstruct_test_data
+    else:
+        yield
+
+
+def _test_inputs(data: RecBoleData, model: torch.nn.Module, limit: int) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Real test users: the model inputs and, per row, the item ids RecBole's evaluator masks."""
+    inputs: dict[str, list[np.ndarray]] = {}
+    history: list[np.ndarray] = []
+    rows = 0
+    for interaction, history_index, _, _ in data.test:
+        n = len(interaction)
+        keys = ["item_seq", "item_seq_len"] if is_sequential(model) else ["user_id"]
+        fields = [model.ITEM_SEQ, model.ITEM_SEQ_LEN] if is_sequential(model) else [model.USER_ID]
+        for key, field in zip(keys, fields):
+            inputs.setdefault(key, []).append(interaction[field].cpu().numpy().astype(np.int64))
+        masks: list[list[int]] = [[] for _ in range(n)]
+        if history_index is not None:
+            r, c = history_index
+            for ri, ci in zip(r.tolist(), c.tolist()):
+                masks[ri].append(ci)
+        history.extend(np.asarray(m, dtype=np.int64) for m in masks)
+        rows += n
+        if rows >= limit:
+            break
+    arrays = {k: np.concatenate(v)[:limit] for k, v in inputs.items()}
+    return arrays, history[:limit]
+
+
+def _export_graph(wrapper: torch.nn.Module, example: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    args = tuple(torch.from_numpy(v[:2]) for v in example.values())
+    names = list(example)
+    dynamic = {n: {0: "batch"} for n in names} | {"scores": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow in RecBole models
+        # dynamo=False: the default (dynamo) exporter in torch>=2.9 needs onnxscript.
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            input_names=names,
+            output_names=["scores"],
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def export_model(
+    config: PipelineConfig,
+    splits: DatasetSplits,
+    trained: TrainedModel,
+    run_dir: Path,
+) -> tuple[ExportedModel, dict[str, Any]]:
+    """Export to ONNX and check parity. Returns the record and the card's ``export`` section."""
+    out_dir = run_dir / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_recbole_data(config, splits, trained.checkpoint.parent)
+    model = load_trained(data, trained.checkpoint).cpu()
+    _write_vocab(data, out_dir)
+    card_path = out_dir / "model_card.json"
+    if not config.export.enabled:
+        return ExportedModel(exported=False, reason="export disabled in config", card_path=card_path), {}
+    by_design = not_exportable_reason(config, model, trained.model_name)
+    if by_design is not None:
+        (out_dir / MODEL_FILE).unlink(missing_ok=True)  # a retried export must not leave an older graph behind
+        return ExportedModel(exported=False, reason=by_design, card_path=card_path), {}
+    sequential = is_sequential(model)
+    wrapper = (_SequentialScorer(model) if sequential else _UserScorer(model)).eval()
+    inputs, history = _test_inputs(data, model, config.export.parity_users)
+    onnx_path = out_dir / MODEL_FILE
+    try:
+        with torch.no_grad(), _traceable(model):
+            wrapper(*[torch.from_numpy(v[:2]) for v in inputs.values()])
+            _export_graph(wrapper, inputs, onnx_path, config.export.opset)
+    except Exception as exc:  # noqa: BLE001 - any exporter failure means "not exportable"
+        return _not_exportable(trained, onnx_path, card_path, "is not ONNX-exportable", exc)
+
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        expected = wrapper(*[torch.from_numpy(v) for v in inputs.values()]).numpy()  # the model's own code
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        got = session.run(["scores"], inputs)[0]
+    except Exception as exc:  # noqa: BLE001 - e.g. a graph traced with the example's batch size baked in
+        return _not_exportable(trained, onnx_path, card_path, "was traced but its ONNX graph does not run", exc)
+    max_diff = float(np.max(np.abs(expected - got)))
+    agree = _top10_agreement(expected, got, history)
+    latency = _latency_ms(session, {k: v[:1] for k, v in inputs.items()})
+    signature = {
+        "kind": "sequential" if sequential else "user",
+        "inputs": list(inputs),
+        "output": "scores",
+        "max_seq_length": int(data.config["MAX_ITEM_LIST_LENGTH"]) if sequential else None,
+        "n_items": int(got.shape[1]),
+        "padding_item": 0,
+        "mask_history": not sequential,  # as RecBole's evaluator does
+    }
+    (out_dir / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2))
+    record = ExportedModel(
+        exported=True,
+        onnx_path=onnx_path,
+        max_abs_diff=max_diff,
+        top10_agreement=agree,
+        users_checked=int(got.shape[0]),
+        size_bytes=onnx_path.stat().st_size,
+        latency_ms_p50=latency,
+        card_path=card_path,
+    )
+    tol = config.export.parity_tolerance
+    if max_diff > tol or agree < 1.0:
+        raise ExportError(
+            f"ONNX parity failed on {got.shape[0]} test users: max |torch-onnx| = {max_diff:.2e} "
+            f"(tolerance {tol:g}), identical top-10 for {agree:.1%} of users"
+        )
+    section = {**signature, "opset": config.export.opset, "parity": {
+        "users": record.users_checked, "max_abs_diff": max_diff, "top10_identical": agree, "tolerance": tol},
+        "size_bytes": record.size_bytes, "latency_ms_p50_batch1_cpu": latency}
+    return record, section
+
+
+def _not_exportable(
+    trained: TrainedModel, onnx_path: Path, card_path: Path, what: str, exc: BaseException
+) -> tuple[ExportedModel, dict[str, Any]]:
+    onnx_path.unlink(missing_ok=True)
+    reason = f"{trained.model_name} {what}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return ExportedModel(exported=False, reason=reason, card_path=card_path), {"reason": reason}
+
+
+def _top10_agreement(expected: np.ndarray, got: np.ndarray, history: list[np.ndarray]) -> float:
+    """Share of users whose masked top-10 is the same; exact float ties count as the same."""
+    same = 0
+    for row in range(expected.shape[0]):
+        e = mask_scores(expected[row], history[row])
+        g = mask_scores(got[row], history[row])
+        te, tg = top_k(e, 10), top_k(g, 10)
+        # Items swapped only because their torch scores tie are not a disagreement.
+        if np.array_equal(te, tg) or np.allclose(np.sort(e[te]), np.sort(e[tg]), atol=1e-6, rtol=0):
+            same += 1
+    return same / max(expected.shape[0], 1)
+
+
+def _latency_ms(session: Any, one: dict[str, np.ndarray], runs: int = 50) -> float:
+    session.run(["scores"], one)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(["scores"], one)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(float(np.median(times)), 3)
+
+
+def _write_vocab(data: RecBoleData, out_dir: Path) -> None:
+    ds = data.dataset
+    items = [str(t) for t in ds.field2id_token[ds.iid_field]]
+    (out_dir / ITEM_VOCAB_FILE).write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    users = [str(t) for t in ds.field2id_token[ds.uid_field]]
+    (out_dir / USER_VOCAB_FILE).write_text(json.dumps(users, ensure_ascii=False), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Release: model card, registry (register/promote), shipping to the production host, notifications."""
