@@ -17,6 +17,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from core.release.artifacts import CARD_FILE, CHECKSUMS_FILE  # the artifact contract: light, torch-free
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="recflow: train, gate and ship recommenders.")
 
 # glibc malloc thresholds (see core.modeling.devices.MALLOC_TUNABLES) must be set before the process
@@ -260,6 +262,7 @@ def recommend(
 ) -> None:
     """Score with a registered model (the champion by default) through onnxruntime."""
     from core.errors import RecflowError
+    from core.release.artifacts import MODEL_FILE, read_checksums
     from core.release.registry import Registry
     from core.serving.scorer import OnnxScorer
 
@@ -269,11 +272,12 @@ def recommend(
         if chosen is None:
             _fail(f"{name} has no champion in {registry} (versions: {', '.join(reg.versions(name)) or 'none'})")
         version_dir = reg.entry(name) / str(chosen)
-        if (version_dir / "model_card.json").is_file() and not (version_dir / "model.onnx").is_file():
+        if (version_dir / CARD_FILE).is_file() and not (version_dir / MODEL_FILE).is_file():
             # Registered without ONNX (ItemKNN, EASE, rating models): the card says why.
             reason = reg.card(name, str(chosen)).get("export", {}).get("reason") or "not exported"
             _fail(f"{name} {chosen} has no ONNX model to score with: {reason}")
-        scorer = OnnxScorer(version_dir)
+        # Verified like serving when the version has checksums (older ones load unverified).
+        scorer = OnnxScorer(version_dir, checksums=read_checksums(version_dir, allow_unverified=True))
         history = [i.strip() for i in (items or "").split(",") if i.strip()]
         recs = scorer.recommend(history, k, user=user, exclude_seen=not include_seen)
     except (RecflowError, KeyError) as exc:
@@ -293,7 +297,7 @@ def serve(
     workers: Annotated[int, typer.Option("--workers", min=1, help="worker processes (about one per core)")] = 1,
     poll_seconds: Annotated[float, typer.Option("--poll-seconds", min=0.0, help="how often to look for a new champion (0: never)")] = 2.0,
     max_history: Annotated[Optional[int], typer.Option("--max-history", min=1, help="longest accepted history (default 10 x max_seq_length)")] = None,
-    allow_unverified: Annotated[bool, typer.Option("--allow-unverified", help="serve versions that have no checksums.json")] = False,
+    allow_unverified: Annotated[bool, typer.Option("--allow-unverified", help=f"serve versions that have no {CHECKSUMS_FILE}")] = False,
 ) -> None:
     """Serve the champion over HTTP: POST /recommendations, GET /healthz, docs at /docs; hot-swaps new champions."""
     import uvicorn

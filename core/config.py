@@ -39,8 +39,14 @@ class SourceConfig(_Strict):
     dsn_env: str = Field(
         default="RECFLOW_PG_DSN", description="env var holding the Postgres connection string (kind=postgres)"
     )
+    dsn_secret_block: str | None = Field(
+        default=None, description="Prefect Secret block holding the Postgres connection string; used when dsn_env is unset"
+    )
     url: str | None = Field(default=None, description="Supabase project URL (kind=supabase)")
     key_env: str = Field(default="SUPABASE_KEY", description="env var holding the Supabase (anon) key")
+    key_secret_block: str | None = Field(
+        default=None, description="Prefect Secret block holding the Supabase key; used when key_env is unset"
+    )
     table: str = Field(default="question_attempts", description="table to read (postgres, supabase)")
     since: datetime | None = Field(default=None, description="only rows with time >= since")
     until: datetime | None = Field(default=None, description="only rows with time < until")

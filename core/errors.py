@@ -2,6 +2,10 @@
 
 The CLI turns any ``RecflowError`` into one line on stderr and a non-zero exit;
 anything else is a bug in recflow and keeps its traceback.
+
+Every recflow exception class lives here and its name ends in ``Error``; an old name kept for
+existing callers is an alias (``PipelineFailed = PipelineFailedError``), and the module that
+defined a class before re-exports it.
 """
 
 from __future__ import annotations
@@ -67,7 +71,23 @@ class ShippingConnectionError(ShippingError):
     """The connection failed or dropped (transient): the flow's ship task retries only these."""
 
 
-class PipelineFailed(RecflowError):
+class ChampionNotComparableError(RecflowError):
+    """The champion cannot be evaluated on tonight's data; the reason says why (the gate falls back to Pop)."""
+
+
+class DeploymentError(RecflowError):
+    """The deployments cannot be created: Prefect API unreachable, bad schedule, wrong pool type."""
+
+
+class BadRequestError(RecflowError):
+    """A serving request the server refuses; ``status`` is the HTTP status, ``detail`` the reason sent back."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class PipelineFailedError(RecflowError):
     """Raised by the flow when a step fails; names the step."""
 
     def __init__(self, stage: str, error: str, run_dir: str | None = None) -> None:
@@ -75,3 +95,8 @@ class PipelineFailed(RecflowError):
         self.stage = stage
         self.error = error
         self.run_dir = run_dir
+
+
+# Old names, kept so existing imports and ``except`` clauses keep working.
+PipelineFailed = PipelineFailedError
+ChampionNotComparable = ChampionNotComparableError

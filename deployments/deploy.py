@@ -25,7 +25,7 @@ from typing import Any
 from uuid import UUID
 
 from core.config import load_config
-from core.errors import RecflowError
+from core.errors import DeploymentError  # defined in core.errors; importable from here as before
 
 FLOW_NAME = "training-pipeline"
 ENTRYPOINT = "flows/training_pipeline.py:training_pipeline"
@@ -36,10 +36,6 @@ DEFAULT_GPU = "0"
 NIGHTLY, ADHOC = "nightly", "adhoc"
 # The checkout this module lives in: where workers on this host find the flow's code.
 CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-class DeploymentError(RecflowError):
-    """The deployments cannot be created: Prefect API unreachable, bad schedule, wrong pool type."""
 
 
 @dataclass(frozen=True)

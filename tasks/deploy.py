@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
 from core.records import Evaluation, ExportedModel, Promotion, TrainedModel
+from core.release.artifacts import CONFIG_FILE
 from core.release.registry import Registry
 
 
@@ -25,7 +26,7 @@ def deploy_task(
     promote = evaluation.gate.promote if promote is None else promote
     export_dir = exported.card_path.parent
     files = [p for p in sorted(export_dir.iterdir()) if p.is_file() and p.name != exported.card_path.name]
-    files += [evaluation.metrics_path, run_dir / "config.yaml", trained.checkpoint]
+    files += [evaluation.metrics_path, run_dir / CONFIG_FILE, trained.checkpoint]
     registry = Registry(config.registry.path)
     card = json.loads(exported.card_path.read_text())
     promotion = registry.publish(config.registry_name, registry.new_version(), files, card, promote)

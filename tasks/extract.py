@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from core.config import PipelineConfig, dump_config
 from core.data.extract import commit_snapshot, extract
 from core.records import Snapshot
+from core.release.artifacts import CONFIG_FILE
 from core.run_folder import new_run_dir
 from tasks._common import load_prefect_secret, retry_unless_user_error
 
@@ -20,7 +21,7 @@ def prepare_run_task(config: PipelineConfig) -> Path:
     key = f"{flow_run.name}-{str(flow_run.id)[:8]}" if flow_run.id else None
     run_dir = new_run_dir(config.runs_dir, key)
     resumed = (run_dir / "checkpoints" / "latest.pth").exists()
-    dump_config(config, run_dir / "config.yaml")
+    dump_config(config, run_dir / CONFIG_FILE)
     get_run_logger().info("run folder: %s%s", run_dir, " (retry: will resume training)" if resumed else "")
     return run_dir
 

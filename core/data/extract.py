@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def extract(
     if store is not None and not config.incremental.full_refresh:
         mark = store.watermark()
         since = max(filter(None, [since, mark]), default=None)
-    source = make_source(config, since=since)
+    source = make_source(config, since=since, secret_loader=secret_loader)
     try:
         frame = source.scan().collect()
     except pl.exceptions.PolarsError as exc:
@@ -107,6 +108,8 @@ def preflight(config: PipelineConfig) -> None:
         resolve_key(config.privacy, source=config.source.kind)
     if config.source.kind not in ("file", "postgres"):
         return  # Supabase is checked when extract pages through it
+    if config.source.kind == "postgres" and config.source.dsn_secret_block and not os.environ.get(config.source.dsn_env):
+        return  # the DSN is in a Prefect Secret block, read inside the flow
     # Postgres: one catalog query checks login, table and columns; no rows are read.
     source = make_source(config)
     try:

@@ -5,36 +5,49 @@ has new data (a new fingerprint), so those metrics say nothing about tonight. In
 champion's exported ONNX model is evaluated on *tonight's* split with the candidate's own
 RecBole loaders and evaluator (same users, same targets, same masking, same metric code):
 
-- item ids are mapped by token (the champion's ``item_ids.json`` vs tonight's vocabulary);
+- item ids are mapped by token (the champion's item vocabulary vs tonight's);
   items the champion never saw get a score it cannot beat, so a target item new tonight is a
   miss for the champion — as it would be in production;
 - sequential champions get each test user's history (unknown items dropped, the last
   ``max_seq_length`` kept); user-based champions score known users, and rank nothing for
   users new tonight.
 
-A champion without ``model.onnx`` (a model that does not export) cannot be re-scored;
-``rescore_champion`` raises ``ChampionNotComparable`` and the gate falls back to Pop.
+A champion without an ONNX graph (a model that does not export) cannot be re-scored;
+``rescore_champion`` raises ``ChampionNotComparableError`` and the gate falls back to Pop.
+
+The champion's files are read through the artifact contract's verifier
+(``core.release.artifacts.VersionReader``): each is read once and those very bytes, checked
+against the version's checksums, are what onnxruntime and json get. A file that does not match
+(or cannot be read) makes the champion not comparable (the gate says why); a version registered before checksums
+existed is re-scored unverified.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from core.errors import ChampionNotComparable, ChampionNotComparableError, RegistryError
 from core.modeling.dataset import RecBoleData
-from core.errors import RecflowError
 from core.modeling.training import make_trainer
+from core.release.artifacts import (
+    ITEM_SEQ_INPUT,
+    ITEM_SEQ_LEN_INPUT,
+    ITEM_VOCAB_FILE,
+    MODEL_FILE,
+    USER_INPUT,
+    USER_VOCAB_FILE,
+    VersionReader,
+)
 
 # Below any real score: unknown items and users the champion cannot rank.
 UNRANKED = -1.0e9
 
 
-class ChampionNotComparable(RecflowError):
-    """The champion cannot be evaluated on tonight's data; the reason says why."""
+__all__ = ["UNRANKED", "ChampionNotComparable", "ChampionNotComparableError", "rescore_champion"]
 
 
 class _OnnxChampion(torch.nn.Module):
@@ -45,23 +58,29 @@ class _OnnxChampion(torch.nn.Module):
         super().__init__()
         import onnxruntime as ort
 
-        onnx_path = champion_dir / "model.onnx"
-        if not onnx_path.is_file():
-            raise ChampionNotComparable(f"champion {champion_dir.name} has no model.onnx to re-score")
-        self.signature: dict[str, Any] = json.loads((champion_dir / "signature.json").read_text())
-        champ_items = json.loads((champion_dir / "item_ids.json").read_text(encoding="utf-8"))
+        if not (champion_dir / MODEL_FILE).is_file():
+            raise ChampionNotComparableError(f"champion {champion_dir.name} has no {MODEL_FILE} to re-score")
+        try:
+            reader = VersionReader.open(champion_dir, allow_unverified=True)
+            model_bytes = reader.read(MODEL_FILE)
+            signature = reader.signature()
+            champ_items = reader.json(ITEM_VOCAB_FILE)
+            champ_users = reader.json(USER_VOCAB_FILE) if reader.has(USER_VOCAB_FILE) else []
+        except RegistryError as exc:  # checksum mismatch, unreadable or malformed file
+            raise ChampionNotComparableError(str(exc)) from None
+        self.signature: dict[str, Any] = dict(signature.raw)
+        self.max_seq_length = signature.max_seq_length
+        self.output = signature.output
         champ_item_index = {tok: i for i, tok in enumerate(champ_items) if i > 0}
         ds = data.dataset
         tonight_items = [str(t) for t in ds.field2id_token[ds.iid_field]]
         # tonight id -> champion id (0: the champion does not know the item, or padding)
         self.to_champ = np.asarray([0] + [champ_item_index.get(t, 0) for t in tonight_items[1:]], dtype=np.int64)
         if not self.to_champ.any():
-            raise ChampionNotComparable("the champion knows none of tonight's items")
-        self.sequential = self.signature.get("kind") == "sequential"
+            raise ChampionNotComparableError("the champion knows none of tonight's items")
+        self.sequential = signature.sequential
         self.user_to_champ: np.ndarray | None = None
         if not self.sequential:
-            users_file = champion_dir / "user_ids.json"
-            champ_users = json.loads(users_file.read_text(encoding="utf-8")) if users_file.is_file() else []
             champ_user_index = {tok: i for i, tok in enumerate(champ_users) if i > 0}
             tonight_users = [str(t) for t in ds.field2id_token[ds.uid_field]]
             self.user_to_champ = np.asarray(
@@ -74,14 +93,14 @@ class _OnnxChampion(torch.nn.Module):
         self.device = cfg["device"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(torch.get_num_threads(), 1)
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         # RecBole's trainer builds an optimizer over the model's parameters: give it one.
         self._unused = torch.nn.Parameter(torch.zeros(1))
 
     def _sequential_feed(self, interaction: Any) -> dict[str, np.ndarray]:
         seq = interaction[self.item_seq_field].cpu().numpy()
         lengths = interaction[self.item_len_field].cpu().numpy()
-        max_len = int(self.signature["max_seq_length"])
+        max_len = self.max_seq_length
         out = np.zeros((seq.shape[0], max_len), dtype=np.int64)
         out_len = np.ones(seq.shape[0], dtype=np.int64)
         for row in range(seq.shape[0]):
@@ -89,17 +108,17 @@ class _OnnxChampion(torch.nn.Module):
             recent = mapped[mapped > 0][-max_len:]
             out[row, : len(recent)] = recent
             out_len[row] = max(len(recent), 1)
-        return {"item_seq": out, "item_seq_len": out_len}
+        return {ITEM_SEQ_INPUT: out, ITEM_SEQ_LEN_INPUT: out_len}
 
     def full_sort_predict(self, interaction: Any) -> torch.Tensor:
         if self.sequential:
-            champ_scores = self.session.run(["scores"], self._sequential_feed(interaction))[0]
+            champ_scores = self.session.run([self.output], self._sequential_feed(interaction))[0]
             known_rows = np.ones(champ_scores.shape[0], dtype=bool)
         else:
             assert self.user_to_champ is not None
             users = self.user_to_champ[interaction[self.user_field].cpu().numpy()]
             known_rows = users > 0
-            champ_scores = self.session.run(["scores"], {"user_id": np.where(known_rows, users, 1)})[0]
+            champ_scores = self.session.run([self.output], {USER_INPUT: np.where(known_rows, users, 1)})[0]
         scores = champ_scores[:, self.to_champ].astype(np.float32)
         scores[:, self.to_champ == 0] = UNRANKED
         scores[~known_rows] = UNRANKED

@@ -1,9 +1,10 @@
 """export: ONNX graph, torch-vs-ONNX parity on real test users, latency, vocabularies.
 
-Inputs: ``item_seq`` [B, L] int64 + ``item_seq_len`` [B] int64 for sequential models,
-``user_id`` [B] int64 otherwise. Output: ``scores`` [B, n_items] over all internal item
-ids; column 0 is RecBole's padding id and must be masked by the consumer (the scorer
-in ``core.serving`` does).
+The graph's signature (input/output names, dtypes, shapes) and every file name are the artifact
+contract's (``core.release.artifacts``): inputs ``item_seq`` [B, L] int64 + ``item_seq_len`` [B]
+int64 for sequential models, ``user_id`` [B] int64 otherwise; output ``scores`` [B, n_items]
+over all internal item ids; column 0 is RecBole's padding id and must be masked by the consumer
+(the scorer in ``core.serving`` does).
 
 Not every model is exported (the step still succeeds, the card's ``export`` says why and the
 registry keeps the checkpoint): RecBole's traditional models (ItemKNN, EASE, ...) score
@@ -27,16 +28,28 @@ import numpy as np
 import torch
 
 from core.config import PipelineConfig
-from core.modeling.dataset import RecBoleData, load_recbole_data
 from core.errors import ExportError
-from core.records import DatasetSplits, ExportedModel, TrainedModel
-from core.serving.scorer import mask_scores, top_k
+from core.modeling.dataset import RecBoleData, load_recbole_data
 from core.modeling.training import load_trained
+from core.records import DatasetSplits, ExportedModel, TrainedModel
+from core.release.artifacts import (
+    CARD_FILE,
+    CHECKPOINT_FILE,
+    INPUTS,
+    ITEM_VOCAB_FILE,
+    MODEL_FILE,
+    SCORES_OUTPUT,
+    SEQUENTIAL,
+    SIGNATURE_FILE,
+    USER,
+    USER_VOCAB_FILE,
+    dynamic_axes,
+    make_signature,
+)
+from core.serving.scorer import mask_scores, top_k
 
-MODEL_FILE = "model.onnx"
-ITEM_VOCAB_FILE = "item_ids.json"
-USER_VOCAB_FILE = "user_ids.json"
-SIGNATURE_FILE = "signature.json"
+__all__ = ["ITEM_VOCAB_FILE", "MODEL_FILE", "SIGNATURE_FILE", "USER_VOCAB_FILE", "export_model", "is_sequential",
+           "not_exportable_reason"]
 
 
 class _SequentialScorer(torch.nn.Module):
@@ -69,11 +82,11 @@ def not_exportable_reason(config: PipelineConfig, model: torch.nn.Module, model_
     if config.evaluation.task == "rating":
         return (f"{model_name} is a rating-prediction model: it predicts one (user, item) pair's rating, it does "
                 "not score every item from an input, so there is no ONNX scorer to serve; the registry keeps "
-                "its checkpoint (best.pth)")
+                f"its checkpoint ({CHECKPOINT_FILE})")
     if getattr(model, "type", None) == ModelType.TRADITIONAL:
         return (f"{model_name} is a RecBole traditional model: it scores through scipy/numpy matrices outside "
                 "torch, which ONNX tracing would freeze into constants of the example batch; the registry "
-                "keeps its checkpoint (best.pth), serve it with RecBole")
+                f"keeps its checkpoint ({CHECKPOINT_FILE}), serve it with RecBole")
     return None
 
 
@@ -109,7 +122,7 @@ def _test_inputs(data: RecBoleData, model: torch.nn.Module, limit: int) -> tuple
     rows = 0
     for interaction, history_index, _, _ in data.test:
         n = len(interaction)
-        keys = ["item_seq", "item_seq_len"] if is_sequential(model) else ["user_id"]
+        keys = INPUTS[SEQUENTIAL] if is_sequential(model) else INPUTS[USER]
         fields = [model.ITEM_SEQ, model.ITEM_SEQ_LEN] if is_sequential(model) else [model.USER_ID]
         for key, field in zip(keys, fields):
             inputs.setdefault(key, []).append(interaction[field].cpu().numpy().astype(np.int64))
@@ -126,10 +139,11 @@ def _test_inputs(data: RecBoleData, model: torch.nn.Module, limit: int) -> tuple
     return arrays, history[:limit]
 
 
-def _export_graph(wrapper: torch.nn.Module, example: dict[str, np.ndarray], path: Path, opset: int) -> None:
+def _export_graph(wrapper: torch.nn.Module, example: dict[str, np.ndarray], path: Path, opset: int, kind: str) -> None:
     args = tuple(torch.from_numpy(v[:2]) for v in example.values())
     names = list(example)
-    dynamic = {n: {0: "batch"} for n in names} | {"scores": {0: "batch"}}
+    assert tuple(names) == INPUTS[kind], (names, kind)
+    dynamic = dynamic_axes(kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow in RecBole models
         # dynamo=False: the default (dynamo) exporter in torch>=2.9 needs onnxscript.
@@ -138,7 +152,7 @@ def _export_graph(wrapper: torch.nn.Module, example: dict[str, np.ndarray], path
             args,
             str(path),
             input_names=names,
-            output_names=["scores"],
+            output_names=[SCORES_OUTPUT],
             dynamic_axes=dynamic,
             opset_version=opset,
             dynamo=False,
@@ -157,7 +171,7 @@ def export_model(
     data = load_recbole_data(config, splits, trained.checkpoint.parent)
     model = load_trained(data, trained.checkpoint).cpu()
     _write_vocab(data, out_dir)
-    card_path = out_dir / "model_card.json"
+    card_path = out_dir / CARD_FILE
     if not config.export.enabled:
         return ExportedModel(exported=False, reason="export disabled in config", card_path=card_path), {}
     by_design = not_exportable_reason(config, model, trained.model_name)
@@ -165,13 +179,14 @@ def export_model(
         (out_dir / MODEL_FILE).unlink(missing_ok=True)  # a retried export must not leave an older graph behind
         return ExportedModel(exported=False, reason=by_design, card_path=card_path), {}
     sequential = is_sequential(model)
+    kind = SEQUENTIAL if sequential else USER
     wrapper = (_SequentialScorer(model) if sequential else _UserScorer(model)).eval()
     inputs, history = _test_inputs(data, model, config.export.parity_users)
     onnx_path = out_dir / MODEL_FILE
     try:
         with torch.no_grad(), _traceable(model):
             wrapper(*[torch.from_numpy(v[:2]) for v in inputs.values()])
-            _export_graph(wrapper, inputs, onnx_path, config.export.opset)
+            _export_graph(wrapper, inputs, onnx_path, config.export.opset, kind)
     except Exception as exc:  # noqa: BLE001 - any exporter failure means "not exportable"
         return _not_exportable(trained, onnx_path, card_path, "is not ONNX-exportable", exc)
 
@@ -181,21 +196,14 @@ def export_model(
         expected = wrapper(*[torch.from_numpy(v) for v in inputs.values()]).numpy()  # the model's own code
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        got = session.run(["scores"], inputs)[0]
+        got = session.run([SCORES_OUTPUT], inputs)[0]
     except Exception as exc:  # noqa: BLE001 - e.g. a graph traced with the example's batch size baked in
         return _not_exportable(trained, onnx_path, card_path, "was traced but its ONNX graph does not run", exc)
     max_diff = float(np.max(np.abs(expected - got)))
     agree = _top10_agreement(expected, got, history)
     latency = _latency_ms(session, {k: v[:1] for k, v in inputs.items()})
-    signature = {
-        "kind": "sequential" if sequential else "user",
-        "inputs": list(inputs),
-        "output": "scores",
-        "max_seq_length": int(data.config["MAX_ITEM_LIST_LENGTH"]) if sequential else None,
-        "n_items": int(got.shape[1]),
-        "padding_item": 0,
-        "mask_history": not sequential,  # as RecBole's evaluator does
-    }
+    signature = make_signature(kind, max_seq_length=int(data.config["MAX_ITEM_LIST_LENGTH"]) if sequential else None,
+                               n_items=int(got.shape[1]))
     (out_dir / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2))
     record = ExportedModel(
         exported=True,
@@ -241,11 +249,11 @@ def _top10_agreement(expected: np.ndarray, got: np.ndarray, history: list[np.nda
 
 
 def _latency_ms(session: Any, one: dict[str, np.ndarray], runs: int = 50) -> float:
-    session.run(["scores"], one)
+    session.run([SCORES_OUTPUT], one)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run(["scores"], one)
+        session.run([SCORES_OUTPUT], one)
         times.append((time.perf_counter() - start) * 1000)
     return round(float(np.median(times)), 3)
 

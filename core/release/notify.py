@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -23,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.config import NotifyConfig, NotifyEvent
+from core.errors import RecflowError
 from core.records import GateDecision
+from core.secrets import env_or_block
 
 _log = logging.getLogger(__name__)
 Log = logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
@@ -102,16 +103,15 @@ def resolve_webhook_url(
 ) -> str | None:
     """The URL from ``config.webhook_env``, else the Secret block; None when neither is set or readable."""
     log = logger or _log
-    url = os.environ.get(config.webhook_env, "").strip()
-    if url:
-        return url
-    if config.secret_block and secret_loader is not None:
-        try:
-            return str(secret_loader(config.secret_block)).strip() or None
-        except Exception as exc:  # noqa: BLE001 - a missing block must not fail the run
-            log.warning("notification skipped: cannot read Prefect Secret block %r (%s)",
-                        config.secret_block, type(exc).__name__)
-    return None
+    # Without a loader (outside a flow) an unset env var simply means: no webhook, no warning.
+    block = config.secret_block if secret_loader is not None else None
+    try:
+        url, _ = env_or_block(config.webhook_env, block, secret_loader, what="the webhook URL",
+                              block_field="notify.secret_block", error=RecflowError)
+    except RecflowError as exc:  # a missing block must not fail the run; the message never holds the URL
+        log.warning("notification skipped: %s", exc)
+        return None
+    return url or None
 
 
 def post_json(url: str, payload: dict[str, Any], timeout: float) -> None:

@@ -2,7 +2,7 @@
 
 Layout::
 
-    <registry>/<model-name>/<version>/   model.onnx, model_card.json, metrics.json, config.yaml, ...
+    <registry>/<model-name>/<version>/   the files of ``core.release.artifacts`` (graph, card, checksums, ...)
     <registry>/<model-name>/champion     symlink -> <version>   (only ever replaced by rename)
 
 A version directory is assembled under a hidden temp name and renamed into place, so a
@@ -12,7 +12,6 @@ reader never sees a half-written version; the champion symlink is replaced with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -21,12 +20,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from core.errors import ChecksumError, RegistryError
+from core.errors import RegistryError
 from core.records import Promotion
+from core.release.artifacts import (
+    CARD_FILE,
+    CHAMPION_LINK,
+    CHECKSUMS_FILE,
+    compute_checksums,
+    read_checksums,
+    sha256_file,
+    verify_files,
+    write_checksums,
+)
 
-CHAMPION = "champion"
-CARD_FILE = "model_card.json"
-CHECKSUMS_FILE = "checksums.json"
+CHAMPION = CHAMPION_LINK
+# Kept importable from here for existing callers; the contract lives in core.release.artifacts.
+checksums = compute_checksums
+verify_checksums = verify_files
+__all__ = ["CARD_FILE", "CHAMPION", "CHECKSUMS_FILE", "Registry", "checksums", "read_checksums", "sha256_file",
+           "verify_checksums"]
 
 
 class Registry:
@@ -90,7 +102,7 @@ class Registry:
             card = {**card, "version": version, "registered_at": datetime.now(timezone.utc).isoformat()}
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
             # Written last, inside staging: a version is never visible without its checksums.
-            (staging / CHECKSUMS_FILE).write_text(json.dumps(checksums(staging), indent=2, sort_keys=True))
+            write_checksums(staging)
             _fsync_dir(staging)
             os.rename(staging, final)
         except BaseException:
@@ -123,59 +135,6 @@ class Registry:
         os.symlink(version, tmp)  # relative target: the registry can be moved or copied whole
         os.replace(tmp, entry / CHAMPION)
         _fsync_dir(entry)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checksums(version_dir: Path) -> dict[str, str]:
-    """{file name: sha256} of every regular file in ``version_dir`` except the checksums file."""
-    return {p.name: sha256_file(p) for p in sorted(Path(version_dir).iterdir())
-            if p.is_file() and p.name != CHECKSUMS_FILE}
-
-
-def read_checksums(version_dir: Path, *, allow_unverified: bool = False) -> dict[str, str] | None:
-    """The version's ``checksums.json``; ``None`` only when it has none and ``allow_unverified``.
-
-    A version registered before checksums existed has no ``checksums.json``; it is refused
-    unless ``allow_unverified`` (the caller then loads bytes nobody vouched for).
-    """
-    version_dir = Path(version_dir)
-    path = version_dir / CHECKSUMS_FILE
-    if not path.is_file():
-        if allow_unverified:
-            return None
-        raise ChecksumError(f"{version_dir.name} has no {CHECKSUMS_FILE} (registered before checksums were "
-                            f"written?); re-register it, or pass --allow-unverified to serve it anyway")
-    try:
-        sums = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ChecksumError(f"cannot read {version_dir.name}/{CHECKSUMS_FILE}: {exc}") from None
-    if not isinstance(sums, dict):
-        raise ChecksumError(f"{version_dir.name}/{CHECKSUMS_FILE} is not a {{file name: sha256}} object")
-    return sums
-
-
-def verify_checksums(version_dir: Path, names: list[str], *, allow_unverified: bool = False) -> None:
-    """Raise ``ChecksumError`` unless each present file in ``names`` matches ``checksums.json``."""
-    version_dir = Path(version_dir)
-    expected = read_checksums(version_dir, allow_unverified=allow_unverified)
-    if expected is None:
-        return
-    for name in names:
-        file = version_dir / name
-        if not file.is_file():
-            continue  # absent optional files (e.g. user_ids.json) are the caller's concern
-        if name not in expected:
-            raise ChecksumError(f"{version_dir.name}/{name} is not listed in {CHECKSUMS_FILE}")
-        if sha256_file(file) != expected[name]:
-            raise ChecksumError(f"checksum mismatch for {version_dir.name}/{name}: the file changed after it "
-                                f"was registered; refusing to load it")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -39,9 +39,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from core.errors import RecflowError, ServingError
-from core.release.registry import CARD_FILE, CHAMPION, Registry, read_checksums
-from core.serving.scorer import MODEL_FILE, PADDING, OnnxScorer
+from core.errors import BadRequestError, RecflowError, ServingError
+from core.release.artifacts import CARD_FILE, MODEL_FILE, read_checksums
+from core.release.registry import CHAMPION, Registry
+from core.serving.scorer import PADDING, OnnxScorer
 
 try:  # orjson: ~5x faster response encoding; plain json otherwise
     import orjson
@@ -261,11 +262,6 @@ def list_entries(registry_root: Path) -> list[str]:
 # --------------------------------------------------------------------------- the request path
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        self.status, self.detail = status, detail
-
-
 def _too_large() -> tuple[int, bytes]:
     return 413, _dumps({"detail": f"request body over {MAX_BODY_BYTES} bytes; send only the recent history"})
 
@@ -277,12 +273,12 @@ def _parse(body: bytes) -> RecommendationRequest:
         errors = exc.errors(include_url=False)
         if any(e["type"] == "json_invalid" for e in errors):
             reason = next(e for e in errors if e["type"] == "json_invalid").get("ctx", {}).get("error", "")
-            raise _BadRequest(400, f"malformed JSON body: {reason}".rstrip(": ")) from None
+            raise BadRequestError(400, f"malformed JSON body: {reason}".rstrip(": ")) from None
         parts = []
         for e in errors[:5]:
             where = ".".join(str(p) for p in e["loc"]) or "body"
             parts.append(f"{where}: {e['msg']}")
-        raise _BadRequest(422, "invalid request: " + "; ".join(parts)) from None
+        raise BadRequestError(422, "invalid request: " + "; ".join(parts)) from None
 
 
 @dataclass(frozen=True)
@@ -299,9 +295,9 @@ class _Job:
 def _validate(model: LoadedModel, req: RecommendationRequest) -> _Job:
     scorer = model.scorer
     if not 1 <= req.k <= model.k_max:
-        raise _BadRequest(422, f"k must be between 1 and {model.k_max}, got {req.k}")
+        raise BadRequestError(422, f"k must be between 1 and {model.k_max}, got {req.k}")
     if len(req.items) > model.max_history:
-        raise _BadRequest(422, f"history too long: {len(req.items)} items, at most {model.max_history} accepted "
+        raise BadRequestError(422, f"history too long: {len(req.items)} items, at most {model.max_history} accepted "
                                f"(only the last {scorer.max_seq_length or 'few'} are scored; send the most recent)")
     index = scorer.item_index
     ids: list[int] = []
@@ -316,21 +312,21 @@ def _validate(model: LoadedModel, req: RecommendationRequest) -> _Job:
     if unknown and not req.ignore_unknown:
         listed = ", ".join(repr(u) for u in unknown[:MAX_LISTED_UNKNOWN])
         more = f" and {len(unknown) - MAX_LISTED_UNKNOWN} more" if len(unknown) > MAX_LISTED_UNKNOWN else ""
-        raise _BadRequest(422, f"unknown items (not in {model.name} {model.version}): {listed}{more}; "
+        raise BadRequestError(422, f"unknown items (not in {model.name} {model.version}): {listed}{more}; "
                                f"send \"ignore_unknown\": true to drop them")
     known = np.asarray(ids, dtype=np.int64)
     uid = PADDING
     if scorer.sequential:
         if req.user is not None:
-            raise _BadRequest(422, f"{model.name} is a sequential model: send the user's recent \"items\", not \"user\"")
+            raise BadRequestError(422, f"{model.name} is a sequential model: send the user's recent \"items\", not \"user\"")
     else:
         if req.user is None:
-            raise _BadRequest(422, f"{model.name} is a user model: send \"user\" (a user id it was trained on); "
+            raise BadRequestError(422, f"{model.name} is a user model: send \"user\" (a user id it was trained on); "
                                    f"\"items\" only lists items to exclude")
         user = req.user if isinstance(req.user, str) else str(req.user)
         uid = scorer.user_index.get(user, PADDING)
         if uid == PADDING:
-            raise _BadRequest(422, f"unknown user {user!r}: {model.name} scores users it was trained on only")
+            raise BadRequestError(422, f"unknown user {user!r}: {model.name} scores users it was trained on only")
     return _Job(model, uid, known, req.k, known if req.exclude_seen else None)
 
 
@@ -531,7 +527,7 @@ def create_app(
         model = watcher.current  # read once: a swap during this request does not affect it
         try:
             job = _validate(model, _parse(body))
-        except _BadRequest as exc:
+        except BadRequestError as exc:
             return exc.status, _dumps({"detail": exc.detail})
         return 200, _dumps(await batcher.score(job))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,15 +10,23 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import ChecksumError, RegistryError
+from core.errors import RegistryError
+from core.release.artifacts import (
+    ITEM_SEQ_INPUT,
+    ITEM_SEQ_LEN_INPUT,
+    ITEM_VOCAB_FILE,
+    MODEL_FILE,
+    PADDING_ITEM,
+    SCORER_FILES,
+    SIGNATURE_FILE,
+    USER_INPUT,
+    USER_VOCAB_FILE,
+    VersionReader,
+)
 
-MODEL_FILE = "model.onnx"
-SIGNATURE_FILE = "signature.json"
-ITEM_VOCAB_FILE = "item_ids.json"
-USER_VOCAB_FILE = "user_ids.json"
-# Every file the scorer reads; serving verifies each against the version's checksums.json.
-SCORER_FILES = (MODEL_FILE, SIGNATURE_FILE, ITEM_VOCAB_FILE, USER_VOCAB_FILE)
-PADDING = 0  # RecBole's padding id: never a real item or user
+__all__ = ["ITEM_VOCAB_FILE", "MODEL_FILE", "PADDING", "SCORER_FILES", "SIGNATURE_FILE", "USER_VOCAB_FILE",
+           "OnnxScorer", "Recommendation", "mask_scores", "onnx_providers", "top_k"]
+PADDING = PADDING_ITEM  # RecBole's padding id: never a real item or user
 
 
 def mask_scores(scores: np.ndarray, exclude: np.ndarray | list[int] | None = None) -> np.ndarray:
@@ -54,11 +60,11 @@ class Recommendation:
 
 
 class OnnxScorer:
-    """Loads ``model.onnx``, its signature and vocabularies from one model directory.
+    """Loads the ONNX graph, its signature and vocabularies from one model directory.
 
-    ``checksums`` ({file name: sha256}, from the registry's ``checksums.json``): when given,
-    each file is hashed from the very bytes that get loaded, so a file swapped between a
-    check and the load cannot slip through. ``intra_op_threads``: onnxruntime's per-call
+    ``checksums`` ({file name: sha256}, from ``core.release.artifacts.read_checksums``): when
+    given, each file is read once through the contract's verifier and those very bytes are
+    loaded, so a file swapped between a check and the load cannot slip through. ``intra_op_threads``: onnxruntime's per-call
     thread pool; a server running one process per core wants 1 (no oversubscription).
     """
 
@@ -73,19 +79,18 @@ class OnnxScorer:
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
-        self._checksums = checksums
-        onnx_path = self.model_dir / MODEL_FILE
-        if not onnx_path.is_file():
-            raise RegistryError(f"{self.model_dir} holds no model.onnx (was the model exportable?)")
-        model_bytes = self._read(MODEL_FILE)
-        self.signature: dict[str, Any] = json.loads(self._read(SIGNATURE_FILE))
-        self.items: list[str] = json.loads(self._read(ITEM_VOCAB_FILE).decode("utf-8"))
+        self._reader = VersionReader(self.model_dir, checksums)
+        if not self._reader.has(MODEL_FILE):
+            raise RegistryError(f"{self.model_dir} holds no {MODEL_FILE} (was the model exportable?)")
+        model_bytes = self._reader.read(MODEL_FILE)
+        signature = self._reader.signature()
+        self.signature: dict[str, Any] = dict(signature.raw)
+        self.items: list[str] = self._reader.json(ITEM_VOCAB_FILE)
         self.item_index = {tok: i for i, tok in enumerate(self.items)}
-        users_file = self.model_dir / USER_VOCAB_FILE
-        users: list[str] = json.loads(self._read(USER_VOCAB_FILE).decode("utf-8")) if users_file.exists() else []
+        users: list[str] = self._reader.json(USER_VOCAB_FILE) if self._reader.has(USER_VOCAB_FILE) else []
         self.user_index = {tok: i for i, tok in enumerate(users)}
-        self.sequential = self.signature["kind"] == "sequential"
-        self.max_seq_length = int(self.signature["max_seq_length"]) if self.sequential else 0
+        self.sequential = signature.sequential
+        self.max_seq_length = signature.max_seq_length
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
@@ -93,23 +98,9 @@ class OnnxScorer:
         self.providers = providers or onnx_providers()
         self.session = ort.InferenceSession(model_bytes, sess_options=options, providers=self.providers)
         del model_bytes
-        self._output = [self.signature.get("output", "scores")]
+        self._output = [signature.output]
         # Reused input buffer for batch-1 sequential calls (the hot path of the server).
         self._one_len = np.zeros(1, dtype=np.int64)
-
-    def _read(self, name: str) -> bytes:
-        try:
-            data = (self.model_dir / name).read_bytes()
-        except OSError as exc:
-            raise RegistryError(f"cannot read {self.model_dir / name}: {exc.strerror or exc}") from None
-        if self._checksums is not None:
-            expected = self._checksums.get(name)
-            if expected is None:
-                raise ChecksumError(f"{self.model_dir.name}/{name} is not listed in checksums.json; refusing to load it")
-            if hashlib.sha256(data).hexdigest() != expected:
-                raise ChecksumError(f"checksum mismatch for {self.model_dir.name}/{name}: the file changed after "
-                                    f"it was registered; refusing to load it")
-        return data
 
     @property
     def n_items(self) -> int:
@@ -125,7 +116,7 @@ class OnnxScorer:
         seq = np.zeros((1, length), dtype=np.int64)
         seq[0, : len(recent)] = recent
         self._one_len[0] = max(len(recent), 1)
-        return self.session.run(self._output, {"item_seq": seq, "item_seq_len": self._one_len})[0][0]
+        return self.session.run(self._output, {ITEM_SEQ_INPUT: seq, ITEM_SEQ_LEN_INPUT: self._one_len})[0][0]
 
     def scores_for_sequences(self, histories: list[np.ndarray]) -> np.ndarray:
         """[B, n_items + 1] scores for B histories of internal ids in one model call."""
@@ -136,13 +127,13 @@ class OnnxScorer:
             recent = known[-length:]
             seq[row, : len(recent)] = recent
             lens[row] = max(len(recent), 1)
-        return self.session.run(self._output, {"item_seq": seq, "item_seq_len": lens})[0]
+        return self.session.run(self._output, {ITEM_SEQ_INPUT: seq, ITEM_SEQ_LEN_INPUT: lens})[0]
 
     def scores_for_users(self, user_ids: list[int]) -> np.ndarray:
-        return self.session.run(self._output, {"user_id": np.asarray(user_ids, dtype=np.int64)})[0]
+        return self.session.run(self._output, {USER_INPUT: np.asarray(user_ids, dtype=np.int64)})[0]
 
     def scores_for_user(self, user_id: int) -> np.ndarray:
-        return self.session.run(self._output, {"user_id": np.asarray([user_id], dtype=np.int64)})[0][0]
+        return self.session.run(self._output, {USER_INPUT: np.asarray([user_id], dtype=np.int64)})[0][0]
 
     def run_batch(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """Raw model call: ``feed`` as in the signature's inputs, [B, n_items + 1] scores out."""

@@ -12,10 +12,17 @@ from core.config import PipelineConfig
 from core.data.sources.base import Source
 from core.data.sources.file import FileSource
 from core.data.sources.movielens import MovieLens100kSource
+from core.secrets import SecretLoader
 
 
-def make_source(config: PipelineConfig, *, since: datetime | None = None) -> Source:
-    """The configured source, reading rows with time >= ``since`` (default: source.since)."""
+def make_source(
+    config: PipelineConfig, *, since: datetime | None = None, secret_loader: SecretLoader | None = None
+) -> Source:
+    """The configured source, reading rows with time >= ``since`` (default: source.since).
+
+    ``secret_loader`` reads Prefect Secret blocks (postgres ``dsn_secret_block``, supabase
+    ``key_secret_block``); the task layer passes it, so importing this package stays Prefect-free.
+    """
     kind = config.source.kind
     since = since or config.source.since
     if kind == "file":
@@ -23,11 +30,11 @@ def make_source(config: PipelineConfig, *, since: datetime | None = None) -> Sou
     if kind == "postgres":
         from core.data.sources.postgres import PostgresSource
 
-        return PostgresSource(config.source, config.columns, since=since)
+        return PostgresSource(config.source, config.columns, since=since, secret_loader=secret_loader)
     if kind == "supabase":
         from core.data.sources.supabase import SupabaseSource
 
-        return SupabaseSource(config.source, config.columns, since=since)
+        return SupabaseSource(config.source, config.columns, since=since, secret_loader=secret_loader)
     if kind == "synthetic":
         from core.data.sources.synthetic import SyntheticSource
 

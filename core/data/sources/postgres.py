@@ -1,8 +1,10 @@
 """A Postgres table (Supabase's database included), read with polars over ADBC.
 
 The connection string comes from the environment variable named by ``source.dsn_env``
-(default ``RECFLOW_PG_DSN``); it is never stored on the source, never put in its name and
-scrubbed from every error message.
+(default ``RECFLOW_PG_DSN``) or, when that is unset, from the Prefect Secret block
+``source.dsn_secret_block`` (read through the ``secret_loader`` the task layer passes; see
+``core.secrets``); it is never stored on the source, never put in its name and scrubbed from
+every error message.
 
 ``scan()`` runs one query on the catalog (can we log in, does the table exist, which columns
 and types does it have) and returns a lazy frame with the exact schema; collecting it runs
@@ -34,6 +36,7 @@ from polars.io.plugins import register_io_source
 from core.config import ColumnsConfig, SourceConfig
 from core.errors import DataSourceError
 from core.data.sources.base import canonicalise_columns, in_window
+from core.secrets import SecretLoader, env_or_block
 
 CONNECT_TIMEOUT_S = 15
 
@@ -63,8 +66,17 @@ _CATALOG_SQL = (
 
 
 class PostgresSource:
-    def __init__(self, source: SourceConfig, columns: ColumnsConfig, *, since: datetime | None = None) -> None:
+    def __init__(
+        self,
+        source: SourceConfig,
+        columns: ColumnsConfig,
+        *,
+        since: datetime | None = None,
+        secret_loader: SecretLoader | None = None,
+    ) -> None:
         self.source = source
+        self.secret_loader = secret_loader
+        self._origin = f"${source.dsn_env}"  # where the DSN came from, for messages
         self.columns = columns
         self.since = since
         self.until = source.until
@@ -121,16 +133,20 @@ class PostgresSource:
 
     def _dsn(self) -> str:
         env = self.source.dsn_env
-        dsn = os.environ.get(env, "").strip()
+        block = self.source.dsn_secret_block
+        dsn, origin = env_or_block(env, block, self.secret_loader, what="the Postgres connection string",
+                                   block_field="source.dsn_secret_block", error=DataSourceError)
         if not dsn:
             raise DataSourceError(
                 f"set {env} to the Postgres connection string, e.g. "
                 f"postgresql://USER:PASSWORD@HOST:5432/DB (Supabase: Project Settings → Database)"
+                + (f"; Prefect Secret block {block!r} is empty" if block else "")
             )
+        self._origin = f"${env}" if origin.startswith("environment") else origin
         scheme = dsn.split(":", 1)[0].lower() if "://" in dsn else ""
         if scheme not in ("postgres", "postgresql"):
             raise DataSourceError(
-                f"{env} must be a connection URI starting with postgresql:// "
+                f"{env if origin.startswith('environment') else origin} must be a connection URI starting with postgresql:// "
                 f"(e.g. postgresql://USER:PASSWORD@HOST:5432/DB); key=value strings and "
                 f"SQLAlchemy URLs (postgresql+driver://) are not supported"
             )
@@ -199,22 +215,22 @@ class PostgresSource:
     def _explain(self, exc: BaseException, scrub: Callable[[str], str]) -> str:
         state = getattr(exc, "sqlstate", None)
         detail = scrub(_server_message(exc))
-        env = self.source.dsn_env
+        env = self._origin
         if "Failed to connect" in str(exc) or "connection to server" in str(exc):
             if "password authentication failed" in detail or "no password supplied" in detail:
-                return f"{self.name}: the server rejected the login ({detail}); check the user and password in ${env}"
-            return f"{self.name}: cannot connect ({detail}); check the host and port in ${env}"
+                return f"{self.name}: the server rejected the login ({detail}); check the user and password in {env}"
+            return f"{self.name}: cannot connect ({detail}); check the host and port in {env}"
         if state == "42P01":
             return f"{self.name}: table {self.table!r} not found ({detail})"
         if state == "42703":
             return f"{self.name}: {detail}; check the columns settings"
         if state == "42501":
             grant = f"GRANT SELECT ON {_qualified(self.table)} TO <role>"
-            return f"{self.name}: {detail}; the role in ${env} needs: {grant}"
+            return f"{self.name}: {detail}; the role in {env} needs: {grant}"
         if state in ("26000", "42P05"):
             return (
                 f"{self.name}: {detail}; a transaction-mode pooler (Supabase port 6543) drops prepared "
-                f"statements: use the direct connection or the session pooler (port 5432) in ${env}"
+                f"statements: use the direct connection or the session pooler (port 5432) in {env}"
             )
         return f"{self.name}: {detail}"
 

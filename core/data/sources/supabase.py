@@ -1,7 +1,9 @@
 """A Supabase table read over its REST API (PostgREST) with supabase-py.
 
 The project URL is ``source.url``; the key comes from the environment variable named by
-``source.key_env`` (default ``SUPABASE_KEY``) and is never stored, logged or put in a message.
+``source.key_env`` (default ``SUPABASE_KEY``) or, when that is unset, from the Prefect Secret
+block ``source.key_secret_block`` (read through the ``secret_loader`` the task layer passes; see
+``core.secrets``), and is never stored, logged or put in a message.
 Use the project's anon key (or another read-only one) with a row-level-security policy that
 lets it SELECT the table; a service_role key works but bypasses RLS (a warning says so).
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ import polars as pl
 from core.config import ColumnsConfig, SourceConfig
 from core.errors import DataSourceError
 from core.data.sources.base import canonicalise_columns, in_window
+from core.secrets import SecretLoader, env_or_block
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,13 @@ class SupabaseSource:
         backoff_s: float = RETRY_BACKOFF_S,
         timeout_s: float = TIMEOUT_S,
         sleep: Callable[[float], None] = time.sleep,
+        secret_loader: SecretLoader | None = None,
     ) -> None:
         if not source.url:
             raise DataSourceError("the Supabase source needs the project URL (source.url / --url)")
         self.source = source
+        self.secret_loader = secret_loader
+        self._origin = f"${source.key_env}"  # where the key came from, for messages
         self.columns = columns
         self.since = since
         self.until = source.until
@@ -94,17 +99,20 @@ class SupabaseSource:
 
     def _key(self) -> str:
         env = self.source.key_env
-        key = os.environ.get(env, "").strip()
+        block = self.source.key_secret_block
+        key, origin = env_or_block(env, block, self.secret_loader, what="the Supabase key",
+                                   block_field="source.key_secret_block", error=DataSourceError)
         if not key:
             raise DataSourceError(
                 f"set {env} to the Supabase project's anon key or another read-only key "
-                f"(Supabase: Project Settings → API)"
+                f"(Supabase: Project Settings → API)" + (f"; Prefect Secret block {block!r} is empty" if block else "")
             )
+        self._origin = f"${env}" if origin.startswith("environment") else origin
         if _is_service_key(key):
             log.warning(
-                "$%s holds a service_role/secret key, which bypasses row-level security; "
+                "%s holds a service_role/secret key, which bypasses row-level security; "
                 "a read-only (anon) key with a SELECT policy is enough for recflow",
-                env,
+                self._origin,
             )
         return key
 
@@ -144,7 +152,7 @@ class SupabaseSource:
         if not rows and self.since is None and self.until is None:
             raise DataSourceError(
                 f"{self.name}: the table returned no rows. If it has rows, row-level security hides "
-                f"them from the key in ${self.source.key_env}: add a SELECT policy for that role "
+                f"them from the key in {self._origin}: add a SELECT policy for that role "
                 f"(e.g. `create policy read on {self.table} for select to anon using (true)`)"
             )
         return rows
@@ -188,10 +196,9 @@ class SupabaseSource:
 
     def _explain(self, status: int | None, err: Any, key: str) -> str:
         message = _scrub(" ".join(str(p) for p in (err.message, err.hint) if p) or str(err), key)
-        env = self.source.key_env
         if status in (401, 403):
             return (
-                f"Supabase rejected the key in ${env} (HTTP {status}: {message}); use the project's "
+                f"Supabase rejected the key in {self._origin} (HTTP {status}: {message}); use the project's "
                 f"anon key from Project Settings → API, for the project at {self.url}"
             )
         if status == 404:

@@ -60,15 +60,22 @@ import paramiko
 from pydantic import BaseModel, Field
 
 from core.config import ShippingConfig
-from core.errors import HostKeyError, ShippingAuthError, ShippingConnectionError, ShippingError
-from core.release.registry import sha256_file
+from core.errors import ChecksumError, HostKeyError, ShippingAuthError, ShippingConnectionError, ShippingError
+from core.release.artifacts import (
+    CHAMPION_LINK,
+    CHECKSUMS_FILE,
+    SHIP_MANIFEST_FILE,
+    read_checksums,
+    sha256_file,
+    verify_digest,
+)
 from core.secrets import SecretLoader, env_or_block
 
-CHAMPION = "champion"
-MANIFEST_FILE = "ship_manifest.json"
+CHAMPION = CHAMPION_LINK
+MANIFEST_FILE = SHIP_MANIFEST_FILE
 HISTORY_FILE = "champion_history.json"
 INCOMING_PREFIX = ".incoming-"
-LOCAL_CHECKSUMS_FILE = "checksums.json"  # written by core.release.registry when present
+LOCAL_CHECKSUMS_FILE = CHECKSUMS_FILE  # written by core.release.artifacts.write_checksums
 HISTORY_LIMIT = 200
 # sha256sum of a large model on a slow disk can take a while; a dead connection fails sooner.
 EXEC_TIMEOUT_S = 600.0
@@ -83,7 +90,7 @@ _log = logging.getLogger("recflow.shipping")
 
 class RemoteVersion(BaseModel):
     version: str
-    shipped_at: str | None = Field(default=None, description="from the version's ship_manifest.json")
+    shipped_at: str | None = Field(default=None, description=f"from the version's {SHIP_MANIFEST_FILE}")
     files: int = 0
     bytes: int = 0
 
@@ -480,7 +487,12 @@ def _champion_stack(history: list[dict[str, Any]]) -> list[str]:
 
 def _verify_remote(remote: _Remote, directory: str, expected: dict[str, str]) -> None:
     got = remote.sha256(directory, sorted(expected))
-    bad = [name for name, digest in expected.items() if got.get(name) != digest]
+    bad = []
+    for name in expected:
+        try:  # the contract's one verifier, fed the digest the host computed
+            verify_digest(directory, name, got.get(name, ""), expected)
+        except ChecksumError:
+            bad.append(name)
     if bad:
         missing = [n for n in bad if n not in got]
         raise ShippingError(
@@ -507,16 +519,23 @@ def _local_files(version_dir: Path) -> list[tuple[str, Path, int, str]]:
         out.append((rel, path, path.stat().st_size, sha256_file(path)))
     if not out:
         raise ShippingError(f"{version_dir} holds no files to ship")
-    checksums_path = version_dir / LOCAL_CHECKSUMS_FILE
-    if checksums_path.is_file():  # the registry vouched for these bytes: do not ship anything else
-        try:
-            vouched = json.loads(checksums_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ShippingError(f"cannot read {checksums_path}: {exc}") from None
-        changed = [rel for rel, _, _, digest in out if rel in vouched and vouched[rel] != digest]
+    # The registry vouched for these bytes: ship nothing that changed since (the verifier decides).
+    try:
+        vouched = read_checksums(version_dir, allow_unverified=True)  # none: registered before checksums
+    except ChecksumError as exc:
+        raise ShippingError(f"cannot read {version_dir / CHECKSUMS_FILE}: {exc}") from None
+    if vouched is not None:
+        changed = []
+        for rel, _, _, digest in out:
+            if rel == CHECKSUMS_FILE or rel not in vouched:
+                continue  # checksums.json itself; files added later are verified on the host like the rest
+            try:
+                verify_digest(version_dir.name, rel, digest, vouched)
+            except ChecksumError:
+                changed.append(rel)
         if changed:
             raise ShippingError(
-                f"{version_dir.name}: {', '.join(changed)} changed since registration (checksums.json); not shipping it"
+                f"{version_dir.name}: {', '.join(changed)} changed since registration ({CHECKSUMS_FILE}); not shipping it"
             )
     return out
 

@@ -214,3 +214,69 @@ def test_permission_denied_says_what_to_grant(pg_cluster: PgCluster, pg_dsn: str
     pg_cluster.execute("REVOKE SELECT ON qa_private FROM recflow_reader")
     message = str(_error(**{"source.table": "qa_private"}))
     assert "permission denied" in message and "GRANT SELECT" in message
+
+
+# -- the DSN from a Prefect Secret block -----------------------------------------------------
+
+
+def test_dsn_from_a_secret_block_when_the_env_var_is_unset(
+    attempts: list[Attempt], pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from core.data.extract import extract
+
+    monkeypatch.delenv("RECFLOW_PG_DSN", raising=False)
+    asked: list[str] = []
+
+    def loader(name: str) -> str:  # what tasks/_common.load_prefect_secret is to the task layer
+        asked.append(name)
+        return f"  {pg_cluster.dsn}\n"
+
+    cfg = _config(**{"source.dsn_secret_block": "warehouse-dsn", "privacy.pseudonymize": False})
+    source = make_source(cfg, secret_loader=loader)
+    assert_frame_equal(source.scan().collect(), expected_frame(attempts))
+    assert set(asked) == {"warehouse-dsn"}  # read when needed (scan, collect), never stored on the source
+    # extract hands the task's loader through to the source
+    assert extract(cfg, tmp_path, secret_loader=loader).rows == len(attempts)
+
+
+def test_the_env_var_wins_over_the_secret_block(attempts: list[Attempt], pg_dsn: str) -> None:
+    def loader(name: str) -> str:
+        raise AssertionError("the block must not be read when the env var is set")
+
+    cfg = _config(**{"source.dsn_secret_block": "warehouse-dsn"})
+    assert len(make_source(cfg, secret_loader=loader).scan().collect()) == len(attempts)
+
+
+def test_unreadable_or_unreachable_secret_block_names_the_block_never_the_dsn(
+    pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RECFLOW_PG_DSN", raising=False)
+    cfg = _config(**{"source.dsn_secret_block": "warehouse-dsn"})
+
+    def missing(name: str) -> str:
+        raise ValueError(f"no block {name}")
+
+    with pytest.raises(DataSourceError, match="cannot read the Postgres connection string from Prefect Secret "
+                                              "block 'warehouse-dsn'.*set RECFLOW_PG_DSN"):
+        make_source(cfg, secret_loader=missing).scan()
+    # outside a flow (no loader): say that blocks are read in a flow, and what to set instead
+    with pytest.raises(DataSourceError, match="source.dsn_secret_block is 'warehouse-dsn'.*set RECFLOW_PG_DSN"):
+        make_source(cfg).scan()
+    # a wrong password in a block's DSN: the message points at the block, the password is never shown
+    wrong = "Wr0ng/p@ss w%rd"
+    with pytest.raises(DataSourceError) as info:
+        make_source(cfg, secret_loader=lambda _: pg_cluster.dsn_for(wrong)).scan()
+    assert "password authentication failed" in str(info.value)
+    assert "Prefect Secret block 'warehouse-dsn'" in str(info.value)
+    assert wrong not in _rendered(info.value) and pg_cluster.password not in _rendered(info.value)
+
+
+def test_importing_the_sources_stays_free_of_prefect_and_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, core.data.sources, core.data.sources.postgres, core.data.sources.supabase, core.secrets; "
+            "print(sorted(m for m in ('prefect', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert out.stdout.strip() == "[]"

@@ -245,3 +245,50 @@ def test_one_page_for_a_small_window(attempts: list[Attempt], rest: PostgrestSta
     frame = _source(rest, **{"source.since": since.isoformat()}).scan().collect()
     assert_frame_equal(frame, _expected(attempts[-5:]))
     assert len(rest.requests) == 1
+
+
+# -- the key from a Prefect Secret block -----------------------------------------------------
+
+
+def test_key_from_a_secret_block_when_the_env_var_is_unset(
+    attempts: list[Attempt], rest: PostgrestStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SUPABASE_KEY")
+    asked: list[str] = []
+
+    def loader(name: str) -> str:  # what tasks/_common.load_prefect_secret is to the task layer
+        asked.append(name)
+        return KEY + "\n"
+
+    source = make_source(_config(rest, **{"source.key_secret_block": "supabase-anon"}), secret_loader=loader)
+    assert_frame_equal(source.scan().collect(), _expected(attempts))
+    assert asked == ["supabase-anon"]
+
+
+def test_the_key_env_var_wins_over_the_secret_block(attempts: list[Attempt], rest: PostgrestStandIn) -> None:
+    def loader(name: str) -> str:
+        raise AssertionError("the block must not be read when the env var is set")
+
+    source = make_source(_config(rest, **{"source.key_secret_block": "supabase-anon"}), secret_loader=loader)
+    assert len(source.scan().collect()) == len(attempts)
+
+
+def test_secret_block_problems_name_the_block_never_the_key(
+    attempts: list[Attempt], rest: PostgrestStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SUPABASE_KEY")
+    cfg = _config(rest, **{"source.key_secret_block": "supabase-anon"})
+
+    def missing(name: str) -> str:
+        raise ValueError(f"no block {name}")
+
+    with pytest.raises(DataSourceError, match="cannot read the Supabase key from Prefect Secret block "
+                                              "'supabase-anon'.*set SUPABASE_KEY"):
+        make_source(cfg, secret_loader=missing).scan()
+    with pytest.raises(DataSourceError, match="source.key_secret_block is 'supabase-anon'.*set SUPABASE_KEY"):
+        make_source(cfg).scan()  # outside a flow: no loader
+    wrong = "eyJ-not-the-right-key-42"
+    with pytest.raises(DataSourceError) as info:
+        make_source(cfg, secret_loader=lambda _: wrong).scan()
+    assert str(info.value).startswith("Supabase rejected the key in Prefect Secret block 'supabase-anon' (HTTP 401")
+    assert wrong not in _rendered(info.value) and KEY not in _rendered(info.value)

@@ -126,7 +126,7 @@ def test_unreadable_secret_block_is_a_warning(monkeypatch: pytest.MonkeyPatch, c
 
     with caplog.at_level(logging.WARNING, logger="core.release.notify"):
         assert notify(FAILED, _config(secret_block="missing"), secret_loader=loader) is False
-    assert "cannot read Prefect Secret block 'missing'" in caplog.text
+    assert "cannot read the webhook URL from Prefect Secret block 'missing'" in caplog.text
 
 
 def test_webhook_error_is_a_warning_without_the_url(
