@@ -135,7 +135,7 @@ def run(
                                "model_version": None, "registry": None}
     try:
         from core.config import load_config
-        from core.modeling.recbole_compat import canonical_model_name
+        from core.modeling.recbole_adapter import canonical_model_name
 
         if dsn is not None:
             _use_dsn_flag(dsn, dsn_env or "RECFLOW_PG_DSN")
@@ -567,7 +567,7 @@ def remote_status_cmd(
 @app.command()
 def models() -> None:
     """List the RecBole model names recflow can train."""
-    from core.modeling.recbole_compat import available_models
+    from core.modeling.recbole_adapter import available_models
 
     for name in sorted(available_models().values()):
         typer.echo(name)

@@ -11,7 +11,7 @@ into ``<work>/data``), so same-second ratings are ordered the same way (by item 
 
 * ``bare``: RecBole 1.2.1's own ``Config``, ``create_dataset``, ``data_preparation``, ``get_model``,
   ``get_trainer`` and ``trainer.fit`` in a process that never imports ``core`` (importing
-  ``core.modeling.recbole_compat`` installs recflow's RecBole fast paths). RecBole's SASRec defaults (dropout
+  ``core.modeling.dataset.load_recbole_data`` installs recflow's RecBole fast paths). RecBole's SASRec defaults (dropout
   0.5), lr 0.001, batch 1024 (as ``bare_recbole.py``; RecBole's default is 2048), stopping_step 10,
   epoch cap 300. Anomaly detection, which importing RecBole's sequential models switches on, is
   switched off again (it is a ~2x slowdown that says nothing about the objective). It checkpoints
@@ -475,12 +475,13 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
     import torch
 
     torch.set_num_threads(threads)
-    from core.modeling import recbole_compat as rb
+    from core.modeling import recbole_adapter as rb
     from core.config import load_config
     from core.modeling.dataset import load_recbole_data
     from core.modeling.evaluation import ranking_metrics, seen_masked_metrics
     from core.records import DatasetSplits
-    from core.modeling.training import build_model, load_trained, make_trainer, rng_state, set_rng_state, train
+    from core.modeling.runtime import rng_state, set_rng_state
+    from core.modeling.training import build_model, load_trained, make_trainer, train
 
     run_dir = work / "recflow" / objective
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: a resumed one would not measure time to quality
@@ -494,7 +495,7 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
         cfg.training.max_minutes = max_minutes or None
     splits = DatasetSplits.model_validate_json(p["splits"].read_text())
     checkpoints = run_dir / "checkpoints"
-    data = load_recbole_data(cfg, splits, checkpoints)  # train() gets the same cached objects
+    data = load_recbole_data(cfg, splits, checkpoints)  # passed to train() below
     c_data, t_data = time.process_time(), time.perf_counter()
     # The split this process trains on must be the one --prepare recorded (the code may have changed since).
     split_same = _split_cases(data.valid, data.test) == json.loads(p["recflow_split"].read_text())
@@ -541,7 +542,7 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
         overhead["cpu"] += time.process_time() - c_cb
         overhead["wall"] += time.perf_counter() - t_cb
 
-    trained = train(cfg, splits, run_dir, on_epoch=on_epoch)
+    trained = train(cfg, splits, run_dir, on_epoch=on_epoch, data=data)
     c_fit, t_fit = time.process_time(), time.perf_counter()
     model = load_trained(data, trained.checkpoint)
     valid, test = ranking_metrics(data, model, trained.checkpoint)

@@ -48,12 +48,14 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResu
         validate_task(snapshot, config, run_dir)
         commit_snapshot_task(config, snapshot)
     with stage("train", run_dir):
-        splits = build_task(snapshot, config, run_dir)
-        trained = train_task(config, splits, run_dir)
+        # The RecBole data is built once here; the flow owns it and hands it to each step.
+        splits, data = build_task(snapshot, config, run_dir)
+        trained = train_task(config, splits, run_dir, data)
     with stage("evaluate", run_dir):
-        evaluation = evaluate_task(config, splits, trained, run_dir)
+        evaluation = evaluate_task(config, splits, trained, run_dir, data)
     with stage("export", run_dir):
-        exported = export_task(config, snapshot, splits, trained, evaluation, run_dir)
+        exported = export_task(config, snapshot, splits, trained, evaluation, run_dir, data)
+    del data  # nothing after export reads it: free the dataset and loaders
     ship = config.shipping.enabled and evaluation.gate.promote
     with stage("deploy", run_dir):
         # When shipping, the local champion moves only once the production host has the version.

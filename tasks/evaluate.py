@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
+from core.modeling.dataset import RecBoleData
 from core.modeling.evaluation import BASELINE_NAMES, evaluate, metrics_table
 from core.records import DatasetSplits, Evaluation, GateDecision, TrainedModel
 from core.release.registry import Registry
@@ -36,12 +37,15 @@ def gate_markdown(gate: GateDecision, min_improvement: float, baseline_name: str
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(config: PipelineConfig, splits: DatasetSplits, trained: TrainedModel, run_dir: Path) -> Evaluation:
+def evaluate_task(
+    config: PipelineConfig, splits: DatasetSplits, trained: TrainedModel, run_dir: Path, data: RecBoleData | None = None
+) -> Evaluation:
+    """Evaluate on ``data`` (the flow's RecBole data, as training left it; None: built here)."""
     logger = get_run_logger()
     registry = Registry(config.registry.path)
     champion_card = registry.champion_card(config.registry_name)
     champion_dir = registry.entry(config.registry_name) / champion_card["version"] if champion_card else None
-    result = evaluate(config, splits, trained, run_dir, champion_card, champion_dir)
+    result = evaluate(config, splits, trained, run_dir, champion_card, champion_dir, data=data)
     key = artifact_key(config.registry_name)
     baseline_name = BASELINE_NAMES[result.task]  # "Pop baseline" (ranking) or "train-mean baseline" (rating)
     create_table_artifact(table=metrics_table(result), key=f"metrics-{key}",

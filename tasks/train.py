@@ -6,11 +6,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from core.config import PipelineConfig
-from core.records import DatasetSplits, EpochStats, TrainedModel
+from core.modeling.dataset import RecBoleData
 from core.modeling.tracking import TRAINING_CURVE
 from core.modeling.training import train
+from core.records import DatasetSplits, EpochStats, TrainedModel
 
 # A larger PNG is linked by path rather than embedded (artifacts are stored in Prefect's database).
 MAX_EMBEDDED_PNG = 200_000
@@ -19,8 +21,15 @@ from tasks._common import artifact_key, retry_unless_user_error
 
 # A retry (e.g. after a worker hiccup) resumes from checkpoints/latest.pth in the same run folder.
 @task(name="train", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
-def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> TrainedModel:
+def train_task(
+    config: PipelineConfig, splits: DatasetSplits, run_dir: Path, data: RecBoleData | None = None
+) -> TrainedModel:
+    """Train on ``data`` (the flow's RecBole data; None: built here from the run folder)."""
     logger = get_run_logger()
+    if task_run.run_count > 1:
+        # The failed attempt may have left the loaders mid-epoch: a retry builds fresh data, and
+        # resumes from latest.pth, which restores every RNG state (the loader's included).
+        data = None
     total = config.training.epochs
     budget = f", at most {config.training.max_minutes:g} min" if config.training.max_minutes else ""
     logger.info(
@@ -36,7 +45,7 @@ def train_task(config: PipelineConfig, splits: DatasetSplits, run_dir: Path) -> 
             config.evaluation.valid_metric, stats.valid_score if stats.valid_score is not None else float("nan"),
         )
 
-    trained = train(config, splits, run_dir, on_epoch=on_epoch)
+    trained = train(config, splits, run_dir, on_epoch=on_epoch, data=data)
     if trained.auto_batch is not None:
         logger.info("train_batch_size=auto -> %d (%s: %s)", trained.auto_batch.batch, trained.auto_batch.method,
                     trained.auto_batch.reason)

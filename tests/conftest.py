@@ -37,7 +37,7 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory, tiny_rows: list[Interacti
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path) -> TinyRun:
     """One tiny SASRec trained on the tiny CSV (about 2 s), shared by many tests."""
-    from core.modeling.dataset import build_dataset
+    from core.modeling.dataset import build_recbole_data
     from core.data.extract import extract
     from core.modeling.training import train
 
@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path) -> TinyRu
     run_dir = root / "run"
     run_dir.mkdir()
     snapshot = extract(config, run_dir)
-    splits = build_dataset(snapshot, config, run_dir)
+    splits, data = build_recbole_data(snapshot, config, run_dir)  # as the flow does: one build, handed on
     seen: list[EpochStats] = []
-    trained = train(config, splits, run_dir, on_epoch=seen.append)
+    trained = train(config, splits, run_dir, on_epoch=seen.append, data=data)
     return TinyRun(config, run_dir, snapshot, splits, trained, seen)

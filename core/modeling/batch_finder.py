@@ -38,8 +38,15 @@ import torch
 
 from core.config import TrainingConfig
 from core.errors import TrainingError
+from core.modeling import recbole_adapter as rb
+from core.modeling.runtime import (
+    free_memory,
+    oom_kind,
+    rng_state,
+    set_rng_state,
+    to_cpu,
+)
 from core.records import AutoBatch, BatchProbe
-from core.modeling.training import _free_memory, _to_cpu, oom_kind, rng_state, set_rng_state
 
 START_BATCH = 64
 # Models that read train_batch_size when they are built: a probe of the built model would not
@@ -80,7 +87,7 @@ def search_batch(
                 raise
         if kind is not None:
             # Outside the except block: the failed step's frames (and tensors) are gone.
-            _free_memory()
+            free_memory()
             probes.append(BatchProbe(batch=batch, outcome="oom"))
             return False
         over = budget_bytes is not None and peak > budget_bytes
@@ -276,7 +283,7 @@ def make_fits(
 @contextlib.contextmanager
 def _probing_state(model: torch.nn.Module, loader: Any) -> Iterator[None]:
     """Restore the model's weights/buffers, its train/eval mode and every RNG after probing."""
-    weights = _to_cpu(model.state_dict())
+    weights = to_cpu(model.state_dict())
     rng = rng_state(loader)
     was_training = model.training
     try:
@@ -287,7 +294,7 @@ def _probing_state(model: torch.nn.Module, loader: Any) -> Iterator[None]:
             p.grad = None
         model.train(was_training)
         set_rng_state(rng, loader)
-        _free_memory()
+        free_memory()
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -295,8 +302,6 @@ def _plain_trainer(recbole_config: Any) -> bool:
     """Whether the model trains in RecBole's plain ``Trainer._train_epoch`` loop (what a probe step mirrors)."""
     from recbole.trainer.trainer import Trainer
     from recbole.utils import ModelType
-
-    from core.modeling import recbole_compat as rb
 
     if recbole_config["MODEL_TYPE"] == ModelType.TRADITIONAL:
         return False
@@ -417,8 +422,8 @@ def prepare_train_batch(
 
     ``loader``/``loss_fn``: what training reads batches from and scores them with (the
     all-position window loader and its loss; default RecBole's train loader and the model's loss).
-    Every call sets its batch: the loaders are cached per process (core/modeling/dataset.py), and an
-    earlier ``auto`` run in this process may have changed theirs.
+    Every call sets its batch: the caller's loaders may have trained at another batch before
+    (an ``auto`` choice of an earlier attempt on the same data).
     """
     loader = loader if loader is not None else data.train
     default = training.default_batch(windows=loss_fn is not None)

@@ -1,16 +1,20 @@
 """build: snapshot -> RecBole atomic files, and the RecBole dataset/dataloaders over them.
 
 The split itself is RecBole's (time-ordered leave-one-out or ratio, grouped by user), so
-our metrics are exactly what RecBole's evaluator computes. ``load_recbole_data`` rebuilds
-the dataloaders from the atomic files deterministically and caches them per process, so
-train, evaluate and export in one flow run share one build, and a retry on another
-process needs only the run folder.
+our metrics are exactly what RecBole's evaluator computes. ``load_recbole_data`` builds the
+dataset and loaders from the atomic files deterministically, every time it is called: there
+is no cache. The caller owns the result (``RecBoleData``): the flow builds it once
+(``build_recbole_data``, in the build task) and hands it to train, evaluate and export; a
+retry, or a resumed run in another process, builds it again from the run folder alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,19 +24,25 @@ import pandas as pd
 import polars as pl
 import yaml
 
-from core.modeling import recbole_compat as rb
 from core.config import PipelineConfig
-from core.modeling.devices import resolve_device
 from core.errors import ConfigError, DataValidationError
+from core.modeling import recbole_adapter as rb
+from core.modeling import recbole_fast_paths as fast_paths
+from core.modeling.devices import resolve_device
+from core.modeling.recbole_fast_paths import load_inter_sidecar, recbole_fast_paths  # noqa: F401  (re-exported)
 from core.records import ITEM, RATING, TIME, USER, DatasetSplits, Snapshot
-from core.modeling.recbole_compat import _PANDAS_NA_STRINGS, load_inter_sidecar, recbole_fast_paths  # noqa: F401  (re-exported)
 
 DATA_SUBDIR = "recbole"
 
 
-@dataclass
+@dataclass(eq=False)
 class RecBoleData:
-    """The in-memory RecBole objects for one run (never crosses a task boundary)."""
+    """The in-memory RecBole objects for one run: a handle its caller owns and passes on.
+
+    Built by ``load_recbole_data`` (or ``build_recbole_data``); never persisted, never cached.
+    Training consumes the train loader (its shuffle state and batch size), evaluation and
+    export read it afterwards, as RecBole's own pipeline does.
+    """
 
     config: Any  # recbole.config.Config
     dataset: Any
@@ -41,6 +51,8 @@ class RecBoleData:
     test: Any
     # evaluation.task=rating: the (min, max) rating the label was scaled to [0, 1] from.
     rating_scale: tuple[float, float] | None = None
+    # What it was built from (model, RecBole config dict, device): see ``data_key``.
+    key: str = ""
 
 
 def eval_protocol(config: PipelineConfig) -> str:
@@ -82,7 +94,7 @@ def write_atomic_files(snapshot: Snapshot, data_dir: Path) -> Path:
     sidecar_ok = bool(frame.height == 0 or np.nanmax(np.abs(micros.astype(np.float64))) < 2**53)
     frame = frame.with_columns(pl.Series(f"{TIME}:float", micros.astype(np.float64) / 1e6))
     path = target / f"{rb.DATASET_NAME}.inter"
-    sidecar = rb._sidecar_path(path)
+    sidecar = fast_paths.sidecar_path(path)
     sidecar.unlink(missing_ok=True)  # never leave a sidecar that describes an older .inter
     # RecBole reads with pandas' default quoting: quote what needs it (tabs, quotes in ids).
     frame.write_csv(path, separator="\t", quote_style="necessary")
@@ -94,7 +106,7 @@ def write_atomic_files(snapshot: Snapshot, data_dir: Path) -> Path:
             frame = frame.with_columns(parsed)
     if sidecar_ok:
         tmp = sidecar.with_name(sidecar.name + ".tmp")
-        frame.write_parquet(tmp, compression="lz4", statistics=False, metadata={rb._STAMP_KEY: rb._inter_stamp(path)})
+        frame.write_parquet(tmp, compression="lz4", statistics=False, metadata={fast_paths.STAMP_KEY: fast_paths.inter_stamp(path)})
         tmp.replace(sidecar)
     return path
 
@@ -171,24 +183,66 @@ def recbole_config_dict(
     return out
 
 
-_CACHE: dict[str, RecBoleData] = {}
-
-
-def load_recbole_data(
+def data_key(
     config: PipelineConfig, splits: DatasetSplits, checkpoint_dir: Path, *, model_name: str | None = None
-) -> RecBoleData:
-    """RecBole config, dataset and train/valid/test loaders for ``model_name`` (default: the config's)."""
+) -> str:
+    """What ``load_recbole_data`` would build for these arguments, as a hash (equal keys: equal data)."""
+    return _recbole_inputs(config, splits, checkpoint_dir, model_name)[3]
+
+
+def _recbole_inputs(
+    config: PipelineConfig, splits: DatasetSplits, checkpoint_dir: Path, model_name: str | None
+) -> tuple[str, PipelineConfig, dict[str, Any], str, Any]:
     name = model_name or config.model.name
-    has_rating = _has_rating_column(splits)
     run_config = config.model_copy(deep=True)
     run_config.model.name = name
     if model_name is not None:
         run_config.model.params = {}
     device = resolve_device(config.training.device)
-    cfg_dict = recbole_config_dict(run_config, splits.data_dir, checkpoint_dir, has_rating)
+    cfg_dict = recbole_config_dict(run_config, splits.data_dir, checkpoint_dir, _has_rating_column(splits))
     key = hashlib.sha256(json.dumps([name, cfg_dict, str(device)], sort_keys=True, default=str).encode()).hexdigest()
-    if key in _CACHE:
-        return _CACHE[key]
+    return name, run_config, cfg_dict, key, device
+
+
+def check_data(data: RecBoleData, config: PipelineConfig, splits: DatasetSplits, checkpoint_dir: Path) -> None:
+    """Raise ``ValueError`` when ``data`` was not built for these arguments (a handle passed to the wrong run)."""
+    if data.key != data_key(config, splits, checkpoint_dir):
+        raise ValueError("this RecBoleData was built for another configuration or run folder")
+
+
+# A handle the caller lends for the duration of a block (``lent``); never kept beyond it.
+_LENT: ContextVar[RecBoleData | None] = ContextVar("recflow_lent_recbole_data", default=None)
+
+
+@contextlib.contextmanager
+def lent(data: RecBoleData | None) -> Iterator[None]:
+    """Inside the block, ``load_recbole_data`` returns ``data`` instead of building, when asked for
+    exactly what ``data`` was built from (else it builds as usual).
+
+    For code that takes no handle yet (``core.modeling.export.export_model``): the caller keeps
+    ownership, and nothing outlives the block.
+    """
+    token = _LENT.set(data)
+    try:
+        yield
+    finally:
+        _LENT.reset(token)
+
+
+def load_recbole_data(
+    config: PipelineConfig, splits: DatasetSplits, checkpoint_dir: Path, *, model_name: str | None = None
+) -> RecBoleData:
+    """Build the RecBole config, dataset and train/valid/test loaders for ``model_name`` (default: the config's).
+
+    Every call builds (a few seconds at ml-100k scale, minutes at 10M rows): keep the result
+    and pass it on rather than calling again. RecBole's fast paths are installed first
+    (``core.modeling.recbole_fast_paths``; ``RECFLOW_RECBOLE_FAST=0`` keeps RecBole's own code).
+    """
+    name, run_config, cfg_dict, key, device = _recbole_inputs(config, splits, checkpoint_dir, model_name)
+    borrowed = _LENT.get()
+    if borrowed is not None and borrowed.key == key:
+        return borrowed
+    fast_paths.install_fast_paths()
     rb_config = rb.make_config(name, cfg_dict, device)
     # RecBole seeds torch/numpy/random globally from its config; do it before building.
     from recbole.utils import init_seed
@@ -204,10 +258,7 @@ def load_recbole_data(
             f"cannot build train/valid/test from this data ({exc}); check dataset.min_user_interactions "
             f"({d.min_user_interactions}) and dataset.min_item_interactions ({d.min_item_interactions})"
         ) from None
-    data = RecBoleData(rb_config, dataset, train, valid, test, rating_scale)
-    _CACHE.clear()  # one run's data at a time keeps memory flat in long-lived workers
-    _CACHE[key] = data
-    return data
+    return RecBoleData(rb_config, dataset, train, valid, test, rating_scale, key)
 
 
 def _scale_ratings(dataset: Any) -> tuple[float, float]:
@@ -256,7 +307,19 @@ def _has_rating_column(splits: DatasetSplits) -> bool:
 
 
 def build_dataset(snapshot: Snapshot, config: PipelineConfig, run_dir: Path) -> DatasetSplits:
-    """Write the atomic files and build the split once, to count what training will see."""
+    """Write the atomic files and build the split once, to count what training will see.
+
+    The RecBole data built on the way is dropped: ``build_recbole_data`` returns it too.
+    """
+    return build_recbole_data(snapshot, config, run_dir)[0]
+
+
+def build_recbole_data(snapshot: Snapshot, config: PipelineConfig, run_dir: Path) -> tuple[DatasetSplits, RecBoleData]:
+    """Write the atomic files, build the RecBole data over them and count what training will see.
+
+    Returns the split record (what crosses task boundaries and survives the process) and the
+    in-memory data, which the caller owns and passes to ``train`` / ``evaluate`` / export.
+    """
     rb.resolve_model(config.model.name)  # fail fast on an unknown model name, before any work
     check_rating_setup(config, snapshot.has_rating)
     data_dir = run_dir / DATA_SUBDIR
@@ -279,4 +342,5 @@ def build_dataset(snapshot: Snapshot, config: PipelineConfig, run_dir: Path) -> 
             f"{ds.user_num - 1} users and {ds.item_num - 1} items remain: too few to train"
         )
     # RecBole reserves id 0 for padding, so counts are num - 1.
-    return splits.model_copy(update={"users": ds.user_num - 1, "items": ds.item_num - 1, "interactions": ds.inter_num})
+    counted = splits.model_copy(update={"users": ds.user_num - 1, "items": ds.item_num - 1, "interactions": ds.inter_num})
+    return counted, data

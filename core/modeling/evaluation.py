@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.modeling import recbole_compat as rb
-from core.modeling.champion_rescore import ChampionNotComparable, rescore_champion
 from core.config import PipelineConfig
-from core.modeling.dataset import RecBoleData, load_recbole_data
 from core.errors import DataValidationError
+from core.modeling import recbole_adapter as rb
+from core.modeling.champion_rescore import ChampionNotComparable, rescore_champion
+from core.modeling.dataset import RecBoleData, check_data, load_recbole_data
+from core.modeling.trainer_mixin import make_trainer
+from core.modeling.training import load_trained
 from core.records import RATING, DatasetSplits, Evaluation, GateDecision, TrainedModel
-from core.modeling.training import load_trained, make_trainer
 
 METRICS_FILE = "metrics.json"
 BASELINE_NAMES = {"ranking": "Pop baseline", "rating": "train-mean baseline"}
@@ -277,8 +278,12 @@ def evaluate(
     run_dir: Path,
     champion_card: dict[str, Any] | None = None,
     champion_dir: Path | None = None,
+    *,
+    data: RecBoleData | None = None,
 ) -> Evaluation:
     """Evaluate the candidate and decide the gate.
+
+    ``data``: the run's RecBole data (the handle training used); None builds it here.
 
     The champion's stored test metrics are used when it was measured on the same data and
     protocol. Otherwise (a nightly run on new data) a ranking champion in ``champion_dir`` is
@@ -286,7 +291,10 @@ def evaluate(
     like with like; only a champion that cannot be re-scored leaves the baseline as the bar.
     """
     checkpoint_dir = trained.checkpoint.parent
-    data = load_recbole_data(config, splits, checkpoint_dir)
+    if data is None:
+        data = load_recbole_data(config, splits, checkpoint_dir)
+    else:
+        check_data(data, config, splits, checkpoint_dir)
     model = load_trained(data, trained.checkpoint)
     rating = config.evaluation.task == "rating"
     test_seen_masked = None

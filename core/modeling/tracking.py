@@ -4,10 +4,10 @@
 - ``training_curve.png``: loss and valid score per epoch (matplotlib, Agg backend).
 - ``wandb/``: a Weights & Biases run, offline by default (``wandb sync`` uploads it later).
 - ``gpu_usage.csv``: on CUDA, a background thread samples GPU utilisation and memory.
-- ``warning_signs``: plateau / train-valid gap / VAE KL collapse / GPU memory near full.
+- ``warning_signs``: plateau / train-valid gap / GPU memory near full.
 
 TensorBoard events are written by RecBole's trainer into ``tensorboard/`` (see
-``core.modeling.recbole_compat.tensorboard_dir``). No Prefect here: ``tasks/train.py`` turns the
+``core.modeling.recbole_adapter.tensorboard_dir``). No Prefect here: ``tasks/train.py`` turns the
 results into artifacts.
 """
 
@@ -31,7 +31,6 @@ TRAINING_CURVE = "training_curve.png"
 GPU_USAGE = "gpu_usage.csv"
 AUTO_BATCH = "auto_batch.json"
 WANDB_DIR = "wandb"
-VAE_MODELS = frozenset({"MultiVAE", "MacridVAE", "RecVAE"})
 GPU_COLUMNS = ("seconds", "utilization", "memory_allocated", "max_memory_reserved", "memory_free", "memory_total")
 log = logging.getLogger("recflow.tracking")
 
@@ -96,18 +95,14 @@ def warning_signs(
     epochs: list[EpochStats],
     *,
     gpu_peak_fraction: float | None,
-    model_name: str,
-    kl: list[float] | None,
     plateau_epochs: int = 3,
     gap_epochs: int = 2,
-    kl_floor: float = 0.01,
     gpu_limit: float = 0.9,
 ) -> list[str]:
     """Early-warning signs of a training run, as sentences ([] when healthy).
 
     - plateau: the valid score did not improve in the last ``plateau_epochs`` (>= 3) epochs;
     - train/valid gap: the train loss kept falling while the valid score fell for ``gap_epochs`` epochs;
-    - KL collapse (MultiVAE/MacridVAE/RecVAE, only when a per-epoch KL term is given): last KL < ``kl_floor``;
     - GPU memory: the peak used fraction exceeded ``gpu_limit``.
     """
     signs: list[str] = []
@@ -132,9 +127,6 @@ def warning_signs(
                     f"train/valid gap: train loss still falling while the valid score fell for {gap_epochs} "
                     "epochs (overfitting: more regularisation/dropout, or fewer epochs)"
                 )
-    if model_name in VAE_MODELS and kl:
-        if kl[-1] < kl_floor:
-            signs.append(f"KL collapse: {model_name}'s KL term is {kl[-1]:.2g} (< {kl_floor}); anneal the KL weight")
     if gpu_peak_fraction is not None and gpu_peak_fraction > gpu_limit:
         signs.append(
             f"GPU memory: peak {gpu_peak_fraction:.0%} of the device (> {gpu_limit:.0%}); "

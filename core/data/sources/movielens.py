@@ -1,13 +1,30 @@
-"""MovieLens-100k, read from the copy inside RecBole's wheel (no download)."""
+"""MovieLens-100k, read from the copy inside RecBole's wheel (no download, no RecBole import)."""
 
 from __future__ import annotations
 
+import importlib.util
 from datetime import datetime
+from pathlib import Path
 
 import polars as pl
 
-from core.modeling.recbole_compat import ml100k_inter_path
 from core.data.sources.base import canonicalise, in_window
+from core.errors import ConfigError
+
+
+def ml100k_inter_path() -> Path:
+    """The MovieLens-100k interactions shipped inside RecBole's wheel.
+
+    Located with ``importlib.util.find_spec``: RecBole (and torch) are not imported.
+    """
+    spec = importlib.util.find_spec("recbole")
+    origin = spec.origin if spec is not None else None
+    if origin is None:
+        raise ConfigError("the ml-100k source needs RecBole's wheel, which is not installed; reinstall recbole==1.2.1")
+    path = Path(origin).parent / "dataset_example" / "ml-100k" / "ml-100k.inter"
+    if not path.is_file():
+        raise ConfigError(f"RecBole's bundled ml-100k is missing at {path}; reinstall recbole==1.2.1")
+    return path
 
 
 class MovieLens100kSource:

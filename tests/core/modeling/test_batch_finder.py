@@ -23,7 +23,7 @@ import torch
 from recflow_testdata import TinyRun, tiny_config
 
 from core.modeling import batch_finder
-from core.modeling import recbole_compat as rb
+from core.modeling import recbole_adapter as rb
 from core.config import PipelineConfig, load_config
 from core.modeling.dataset import RecBoleData, build_dataset, load_recbole_data
 from core.errors import ConfigError, TrainingError
@@ -32,7 +32,8 @@ from core.data.extract import extract
 from core.release.model_card import build_card
 from core.records import AutoBatch, BatchProbe, DatasetSplits, ExportedModel, TrainedModel
 from core.modeling.tracking import AUTO_BATCH
-from core.modeling.training import build_model, make_trainer, rng_state, train
+from core.modeling.runtime import rng_state
+from core.modeling.training import build_model, make_trainer, train
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -1,5 +1,5 @@
-"""RecBole fast paths (core.modeling.dataset): the same DataFrame, splits, samplers, loaders and metrics
-as RecBole's own code, on tricky tokens and on ml-100k."""
+"""RecBole fast paths (core.modeling.recbole_fast_paths): the same DataFrame, splits, samplers, loaders
+and metrics as RecBole's own code (``recbole_fast_paths.ORIGINALS``), on tricky tokens and on ml-100k."""
 
 from __future__ import annotations
 
@@ -17,21 +17,35 @@ from recbole.data.dataset import Dataset
 from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource
 
-import core.modeling.dataset as ds
-from core.modeling import recbole_compat as rb
 from core.config import PipelineConfig, load_config
+from core.data.extract import extract
+from core.modeling import recbole_adapter as rb
+from core.modeling import recbole_fast_paths as fast_paths
 from core.modeling.dataset import (
     RecBoleData,
-    build_dataset,
+    build_recbole_data,
     load_inter_sidecar,
-    load_recbole_data,
     recbole_config_dict,
     recbole_fast_paths,
     write_atomic_files,
 )
 from core.modeling.devices import resolve_device
-from core.data.extract import extract
 from core.records import ITEM, RATING, TIME, USER, DatasetSplits, Snapshot
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_paths_installed() -> None:
+    """Tests here call RecBole directly: put the fast paths in place (as load_recbole_data does)."""
+    fast_paths.install_fast_paths()
+
+
+def test_install_replaces_each_method_once_and_keeps_the_originals() -> None:
+    fast_paths.install_fast_paths()  # a second call changes nothing
+    for cls, attr in fast_paths.replaced_methods():
+        assert getattr(cls.__dict__[attr], "__module__", None) == fast_paths.__name__, (cls, attr)
+    assert all(f.__module__.startswith("recbole.") for f in fast_paths.ORIGINALS.values())
+    assert len(fast_paths.ORIGINALS) == len(fast_paths.replaced_methods()) == 8
+
 
 T0 = datetime(2023, 1, 1, tzinfo=timezone.utc)
 # Ids a CSV round trip can get wrong: separators, quotes, newlines, pandas' NA strings,
@@ -112,12 +126,8 @@ def _assert_same_interaction(a: Interaction, b: Interaction) -> None:
 
 
 def _build(snapshot: Snapshot, config: PipelineConfig, run_dir: Path, fast: bool) -> tuple[DatasetSplits, RecBoleData]:
-    ds._CACHE.clear()
     with recbole_fast_paths(fast):
-        splits = build_dataset(snapshot, config, run_dir)
-        data = load_recbole_data(config, splits, run_dir / "checkpoints")
-    ds._CACHE.clear()
-    return splits, data
+        return build_recbole_data(snapshot, config, run_dir)
 
 
 def _assert_same_data(fast: RecBoleData, slow: RecBoleData) -> None:
@@ -305,7 +315,7 @@ def test_random_microsecond_timestamps_and_float32_ratings_read_back_identically
 def test_na_strings_are_pandas_defaults() -> None:
     from pandas._libs.parsers import STR_NA_VALUES
 
-    assert ds._PANDAS_NA_STRINGS == STR_NA_VALUES
+    assert fast_paths._PANDAS_NA_STRINGS == STR_NA_VALUES
 
 
 # --------------------------------------------------------------------------- sequential augmentation
@@ -313,9 +323,7 @@ def test_na_strings_are_pandas_defaults() -> None:
 
 def _augmentation_fallback(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every time the fast data_augmentation hands over to RecBole's loop."""
-    from recbole.data.dataset import SequentialDataset
-
-    originals = SequentialDataset.data_augmentation._recflow_originals
+    originals = fast_paths.ORIGINALS
     calls: list[str] = []
     loop = originals["data_augmentation"]
 

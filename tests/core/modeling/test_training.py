@@ -9,7 +9,7 @@ import pytest
 import torch
 from recflow_testdata import TinyRun, tiny_config
 
-from core.modeling import recbole_compat as rb
+from core.modeling import recbole_adapter as rb
 from core.modeling.dataset import build_dataset
 from core.data.extract import extract
 from core.records import EpochStats
@@ -74,6 +74,30 @@ def test_training_is_deterministic_and_writes_only_into_the_run_folder(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
     # Importing RecBole's sequential models switches anomaly detection on (2x slower).
     assert torch.is_anomaly_enabled() is False
+
+
+def test_train_takes_the_callers_data_and_refuses_another_runs(
+    tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.modeling import training
+    from core.modeling.dataset import build_recbole_data, lent, load_recbole_data
+
+    config = tiny_config(tmp_path, tiny_csv, {"training.epochs": 1})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    splits, data = build_recbole_data(extract(config, run_dir), config, run_dir)
+    with lent(data):  # asked for exactly what it was built from: the caller's handle, no build
+        assert load_recbole_data(config, splits, run_dir / "checkpoints") is data
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("train built its own data")
+
+    monkeypatch.setattr(training, "load_recbole_data", no_build)
+    other = tiny_config(tmp_path, tiny_csv, {"training.epochs": 1, "training.learning_rate": 0.5})
+    with pytest.raises(ValueError, match="another configuration"):
+        train(other, splits, run_dir, data=data)
+    trained = train(config, splits, run_dir, data=data)
+    assert trained.checkpoint.is_file() and len(trained.epochs) == 1
 
 
 def test_general_model_by_name(tiny_csv: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from recflow_testdata import TINY_MODEL_PARAMS, tiny_config
 
-from core.modeling import recbole_compat as rb
+from core.modeling import recbole_adapter as rb
 from core.config import PipelineConfig
 from core.modeling.dataset import build_dataset
 from core.errors import TrainingError
