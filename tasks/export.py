@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
-from core.modeling.dataset import RecBoleData, lent
+from core.modeling.dataset import RecBoleData
 from core.modeling.export import export_model
 from core.release.model_card import build_card, write_card
 from core.records import DatasetSplits, Evaluation, ExportedModel, Snapshot, TrainedModel
@@ -24,8 +24,7 @@ def export_task(
 ) -> ExportedModel:
     """Export the trained model; ``data``: the flow's RecBole data (None: export builds it)."""
     logger = get_run_logger()
-    with lent(data):  # export_model takes no handle: it gets this one when it asks for the same data
-        exported, section = export_model(config, splits, trained, run_dir)
+    exported, section = export_model(config, splits, trained, run_dir, data=data)
     write_card(build_card(config, snapshot, splits, trained, evaluation, exported, section), exported.card_path)
     if exported.exported:
         logger.info("ONNX export: %.1f KiB, parity max|diff| %.1e on %d users, top-10 identical %.0f%%, p50 %.2f ms",

@@ -10,11 +10,8 @@ retry, or a resumed run in another process, builds it again from the run folder 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,25 +207,6 @@ def check_data(data: RecBoleData, config: PipelineConfig, splits: DatasetSplits,
         raise ValueError("this RecBoleData was built for another configuration or run folder")
 
 
-# A handle the caller lends for the duration of a block (``lent``); never kept beyond it.
-_LENT: ContextVar[RecBoleData | None] = ContextVar("recflow_lent_recbole_data", default=None)
-
-
-@contextlib.contextmanager
-def lent(data: RecBoleData | None) -> Iterator[None]:
-    """Inside the block, ``load_recbole_data`` returns ``data`` instead of building, when asked for
-    exactly what ``data`` was built from (else it builds as usual).
-
-    For code that takes no handle yet (``core.modeling.export.export_model``): the caller keeps
-    ownership, and nothing outlives the block.
-    """
-    token = _LENT.set(data)
-    try:
-        yield
-    finally:
-        _LENT.reset(token)
-
-
 def load_recbole_data(
     config: PipelineConfig, splits: DatasetSplits, checkpoint_dir: Path, *, model_name: str | None = None
 ) -> RecBoleData:
@@ -239,9 +217,6 @@ def load_recbole_data(
     (``core.modeling.recbole_fast_paths``; ``RECFLOW_RECBOLE_FAST=0`` keeps RecBole's own code).
     """
     name, run_config, cfg_dict, key, device = _recbole_inputs(config, splits, checkpoint_dir, model_name)
-    borrowed = _LENT.get()
-    if borrowed is not None and borrowed.key == key:
-        return borrowed
     fast_paths.install_fast_paths()
     rb_config = rb.make_config(name, cfg_dict, device)
     # RecBole seeds torch/numpy/random globally from its config; do it before building.

@@ -30,8 +30,8 @@ from core.modeling.dataset import RecBoleData, check_data, load_recbole_data
 from core.modeling.trainer_mixin import make_trainer
 from core.modeling.training import load_trained
 from core.records import RATING, DatasetSplits, Evaluation, GateDecision, TrainedModel
+from core.release.artifacts import METRICS_FILE
 
-METRICS_FILE = "metrics.json"
 BASELINE_NAMES = {"ranking": "Pop baseline", "rating": "train-mean baseline"}
 
 

@@ -29,7 +29,7 @@ import torch
 
 from core.config import PipelineConfig
 from core.errors import ExportError
-from core.modeling.dataset import RecBoleData, load_recbole_data
+from core.modeling.dataset import RecBoleData, check_data, load_recbole_data
 from core.modeling.training import load_trained
 from core.records import DatasetSplits, ExportedModel, TrainedModel
 from core.release.artifacts import (
@@ -164,11 +164,18 @@ def export_model(
     splits: DatasetSplits,
     trained: TrainedModel,
     run_dir: Path,
+    data: RecBoleData | None = None,
 ) -> tuple[ExportedModel, dict[str, Any]]:
-    """Export to ONNX and check parity. Returns the record and the card's ``export`` section."""
+    """Export to ONNX and check parity. Returns the record and the card's ``export`` section.
+
+    ``data``: the caller's RecBole data for this run (None: built here).
+    """
     out_dir = run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_recbole_data(config, splits, trained.checkpoint.parent)
+    if data is None:
+        data = load_recbole_data(config, splits, trained.checkpoint.parent)
+    else:
+        check_data(data, config, splits, trained.checkpoint.parent)
     model = load_trained(data, trained.checkpoint).cpu()
     _write_vocab(data, out_dir)
     card_path = out_dir / CARD_FILE

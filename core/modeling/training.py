@@ -43,8 +43,9 @@ from core.modeling.runtime import oom_kind
 from core.modeling.seq_objectives import AllPositionLoss, all_position_kind
 from core.modeling.trainer_mixin import make_trainer
 from core.records import AutoBatch, DatasetSplits, EpochStats, TrainedModel
+from core.release.artifacts import CHECKPOINT_FILE
 
-BEST_CHECKPOINT = "best.pth"
+BEST_CHECKPOINT = CHECKPOINT_FILE
 LATEST_CHECKPOINT = "latest.pth"
 EpochCallback = Callable[[EpochStats], None]
 log = logging.getLogger("recflow.training")
@@ -377,12 +378,12 @@ class _EpochHook:
             if not recbole_stop:
                 log.info("valid %s gained < %g of its best in %d epochs: stopping", self.config.evaluation.valid_metric,
                          t.early_stopping_min_gain, t.early_stopping_patience + 1)
-                raise _StopTraining
+                raise _StopTrainingError
         elif over_budget:
             self.stop_reason = "time budget"
             log.warning("training.max_minutes=%g reached after epoch %d: keeping the best epoch",
                         t.max_minutes, epoch_idx)
-            raise _StopTraining
+            raise _StopTrainingError
 
     def _record(self, epoch_idx: int, valid_score: float) -> EpochStats:
         """The epoch's stats, appended to ``epochs`` and sent to the tracker."""
@@ -429,7 +430,7 @@ def _fit(setup: _Setup, hook: _EpochHook, resume: _Resume, tracker: tracking.Run
             hook.last_valid = time.perf_counter()
             try:
                 best_score, _ = trainer.fit(setup.loader, setup.data.valid, verbose=False, saved=True, callback_fn=hook)
-            except _StopTraining:
+            except _StopTrainingError:
                 best_score = trainer.best_valid_score
         failed = False
     except ValueError as exc:
@@ -498,7 +499,7 @@ def _trained_model(
 BERT4REC_LAST_ONLY = 0.2
 
 
-class _StopTraining(Exception):
+class _StopTrainingError(Exception):
     """Raised from the epoch callback to end ``fit``: a plateau RecBole's rule misses, or the time budget."""
 
 
