@@ -71,7 +71,7 @@ def _quiet_prefect_tracebacks() -> None:
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML preset, e.g. configs/ml-100k-sasrec.yaml")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file or preset name, e.g. ml-100k-ease")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="CSV or Parquet file (default: ml-100k)")] = None,
     user_col: Annotated[Optional[str], typer.Option("--user-col", help="user id column in --data")] = None,
     item_col: Annotated[Optional[str], typer.Option("--item-col", help="item id column in --data")] = None,
@@ -100,7 +100,7 @@ def run(
     runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="where run folders go")] = None,
     summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="write the outcome as JSON")] = None,
 ) -> None:
-    """Run extract -> validate -> train -> evaluate -> export -> deploy once."""
+    """Run extract -> validate -> train -> evaluate -> export -> register once."""
     from core.errors import RecflowError
 
     overrides: dict[str, Any] = {
@@ -177,6 +177,15 @@ def _use_dsn_flag(dsn: str, env_name: str) -> None:
     os.environ[env_name] = dsn
 
 
+# --summary-json keeps its documented values: the register step is reported as "deploy", its name
+# before the rename (flow, logs and notifications say "register"; README "--summary-json").
+SUMMARY_STAGE_NAMES = {"register": "deploy"}
+
+
+def _summary_stage(stage: str) -> str:
+    return SUMMARY_STAGE_NAMES.get(stage, stage)
+
+
 def _run_pipeline(cfg: Any, summary: dict[str, Any]) -> int:
     from core.errors import PipelineFailed
     from flows.training_pipeline import training_pipeline
@@ -187,7 +196,7 @@ def _run_pipeline(cfg: Any, summary: dict[str, Any]) -> int:
         result = state.result()
         summary.update(
             status=result.status,
-            stage=result.stage,
+            stage=_summary_stage(result.stage),
             error=None,
             metrics={k: result.metrics[k] for k in ("test", "baseline", "test_seen_masked") if k in result.metrics},
             model_version=result.model_version,
@@ -200,7 +209,7 @@ def _run_pipeline(cfg: Any, summary: dict[str, Any]) -> int:
         return 0
     exc = state.result(raise_on_failure=False)
     if isinstance(exc, PipelineFailed):
-        summary.update(stage=exc.stage, error=exc.error, run_dir=exc.run_dir)
+        summary.update(stage=_summary_stage(exc.stage), error=exc.error, run_dir=exc.run_dir)
         typer.secho(f"error: {exc.stage} failed: {exc.error}", fg=typer.colors.RED, err=True)
         if exc.run_dir:
             typer.echo(f"run folder: {exc.run_dir}", err=True)
@@ -373,18 +382,18 @@ def data_synth(
         return
     typer.echo(f"wrote {written.rows} question attempts by {written.learners} learners "
                f"over {written.questions} questions (bank of {written.bank_size}) to {out}")
-    typer.echo(f"train on it: recflow run --config configs/question-attempts.yaml --data {out}")
+    typer.echo(f"train on it: recflow run --config question-attempts --data {out}")
 
 
 @app.command()
 def deploy(
     api_url: Annotated[Optional[str], typer.Option("--api-url", help="Prefect API, e.g. http://gpu-host:4200/api (default: PREFECT_API_URL)")] = None,
     pool: Annotated[str, typer.Option("--pool", help="process work pool on the GPU host")] = "gpu",
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML preset both deployments default to")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file or preset name both deployments default to")] = None,
     cron: Annotated[str, typer.Option("--cron", help="nightly schedule")] = "0 2 * * *",
     timezone: Annotated[str, typer.Option("--timezone", help="IANA zone of --cron, e.g. Europe/Berlin")] = "UTC",
     gpu: Annotated[str, typer.Option("--gpu", help="CUDA_VISIBLE_DEVICES for the runs, e.g. 0 or 0,1")] = "0",
-    project_dir: Annotated[Optional[Path], typer.Option("--project-dir", help="recflow checkout on the worker host (default: this checkout)")] = None,
+    project_dir: Annotated[Optional[Path], typer.Option("--project-dir", help="checkout (or, with recflow installed, working directory) on the worker host (default: this checkout, else the current directory)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override KEY=VALUE, e.g. training.epochs=5 (repeatable)")] = None,
 ) -> None:
     """Create or update the `gpu` work pool and the training-pipeline/nightly and /adhoc deployments."""
@@ -407,7 +416,7 @@ def deploy(
             _fail(f"--set {item!r} must look like KEY=VALUE, e.g. training.epochs=5")
         overrides[key.strip()] = yaml.safe_load(value)
     settings = DeploySettings(api_url=api_url, pool=pool, config_path=config, cron=cron, timezone=timezone,
-                              gpu=gpu, project_dir=project_dir or CHECKOUT, overrides=overrides)
+                              gpu=gpu, project_dir=project_dir or CHECKOUT or Path.cwd(), overrides=overrides)
     try:
         result = run_deploy(settings)
     except RecflowError as exc:
@@ -417,7 +426,7 @@ def deploy(
                f"at {result.api_url}")
     for name, dep_id in result.deployments.items():
         typer.echo(f"deployment training-pipeline/{name}: {dep_id}")
-    typer.echo(f"nightly: '{cron}' ({timezone}); runs from {result.project_dir} on the worker host")
+    typer.echo(f"nightly: '{cron}' ({timezone}); runs {result.entrypoint} in {result.project_dir} on the worker host")
     typer.echo(f"start a worker on the GPU host: PREFECT_API_URL={result.api_url} prefect worker start --pool {result.pool}")
 
 

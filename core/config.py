@@ -519,18 +519,41 @@ def _dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def preset_names() -> list[str]:
+    """The presets shipped with recflow (``configs/*.yaml``, package data), by name."""
+    from importlib import resources
+
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(path: Path | str) -> Path:
+    """A YAML file by path, else a shipped preset by name: ``ml-100k-ease``, ``ml-100k-ease.yaml``
+    or ``configs/ml-100k-ease.yaml`` (the checkout-relative path, from any directory)."""
+    from importlib import resources
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.parent in (Path("."), Path("configs")):
+        name = p.name if p.name.endswith(".yaml") else f"{p.name}.yaml"
+        preset = resources.files("configs") / name
+        if preset.is_file():
+            return Path(str(preset))
+    raise ConfigError(f"config file not found: {p} (not a file, nor a preset: {', '.join(preset_names())})")
+
+
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a YAML preset (or the defaults) and apply dotted overrides like ``{"training.epochs": 2}``.
 
-    Relative paths inside a YAML file are kept as written (relative to the working directory),
-    matching how the CLI resolves ``--data``.
+    ``path`` is a YAML file or the name of a shipped preset (``resolve_config_path``). Relative
+    paths inside a YAML file are kept as written (relative to the working directory), matching
+    how the CLI resolves ``--data``.
     """
     raw: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config_path(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

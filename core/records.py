@@ -192,7 +192,7 @@ class Promotion(BaseModel):
 
 class PipelineResult(BaseModel):
     status: Literal["promoted", "rejected", "failed"]
-    stage: str
+    stage: str = Field(description="the last step reached: 'register' when the run finished, else the step that failed")
     error: str | None = None
     run_dir: Path | None = None
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)

@@ -1,19 +1,23 @@
 """The one source of truth for recflow's Prefect deployments (``recflow deploy`` calls ``deploy``).
 
-It creates or updates, idempotently:
+It creates or updates, idempotently, through Prefect's own API:
 
 - the work pool ``gpu`` (type ``process``, concurrency limit 1: one pool per GPU host, so two
-  trainings never share the GPU; a worker on that host runs the flow runs as subprocesses);
+  trainings never share the GPU; a worker on that host runs the flow runs as subprocesses),
+  with ``client.create_work_pool`` / ``update_work_pool``;
 - ``training-pipeline/nightly``: cron schedule (default 02:00, timezone configurable), the config
   preset with ``incremental.enabled`` forced on;
 - ``training-pipeline/adhoc``: no schedule; the UI renders the typed ``PipelineConfig`` as a form,
   pre-filled with the preset.
 
-Both run the flow from the project checkout on the worker's host: a ``set_working_directory``
-pull step points there (by default the checkout this code runs from, filled in at deploy time, so
-nothing machine-specific is stored in the repository), and relative paths in the config
-(``registry``, ``runs``, ``data-store``) resolve inside it. ``CUDA_VISIBLE_DEVICES`` is a job
-variable, so the GPU a deployment uses is set per deployment (and editable per run).
+Both deployments are made by ``Flow.deploy``: from a checkout, ``flow.from_source(<checkout>,
+"flows/training_pipeline.py:training_pipeline")`` (Prefect's local storage: the worker runs the
+flow in that directory); where ``--project-dir`` is not a checkout (recflow installed as a
+package), the flow's module path ``flows.training_pipeline.training_pipeline`` with the process
+worker's ``working_dir`` set to it. Prefect derives the pull step and the parameter schema.
+Relative paths in the config (``registry``, ``runs``, ``data-store``) resolve in that directory.
+``CUDA_VISIBLE_DEVICES`` is a job variable, so the GPU a deployment uses is set per deployment
+(and editable per run).
 """
 
 from __future__ import annotations
@@ -28,14 +32,23 @@ from core.config import load_config
 from core.errors import DeploymentError  # defined in core.errors; importable from here as before
 
 FLOW_NAME = "training-pipeline"
-ENTRYPOINT = "flows/training_pipeline.py:training_pipeline"
+ENTRYPOINT = "flows/training_pipeline.py:training_pipeline"  # from a checkout (file path)
+MODULE_ENTRYPOINT = "flows.training_pipeline.training_pipeline"  # from an installed package
 DEFAULT_POOL = "gpu"
 DEFAULT_CRON = "0 2 * * *"
 DEFAULT_TIMEZONE = "UTC"
 DEFAULT_GPU = "0"
 NIGHTLY, ADHOC = "nightly", "adhoc"
-# The checkout this module lives in: where workers on this host find the flow's code.
-CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _checkout() -> Path | None:
+    """The checkout this module runs from, or None when recflow is installed as a package."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / ENTRYPOINT.split(":")[0]).is_file() else None
+
+
+# Where workers on this host run the flow by default: this checkout, else the working directory.
+CHECKOUT = _checkout()
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ class DeploySettings:
     cron: str = DEFAULT_CRON
     timezone: str = DEFAULT_TIMEZONE
     gpu: str = DEFAULT_GPU
-    project_dir: Path = CHECKOUT
+    project_dir: Path = field(default_factory=lambda: CHECKOUT or Path.cwd())
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,6 +72,7 @@ class DeployResult:
     pool_created: bool
     deployments: dict[str, UUID]
     project_dir: Path
+    entrypoint: str
 
 
 def check_settings(settings: DeploySettings) -> None:
@@ -76,10 +90,9 @@ def check_settings(settings: DeploySettings) -> None:
         CronSchedule(cron=settings.cron, timezone=settings.timezone)
     except ValidationError:
         raise DeploymentError(f"--cron {settings.cron!r} is not a valid cron expression (e.g. '0 2 * * *')") from None
-    if not (settings.project_dir / ENTRYPOINT.split(":")[0]).is_file():
-        raise DeploymentError(
-            f"--project-dir {settings.project_dir} is not a recflow checkout (no {ENTRYPOINT.split(':')[0]})"
-        )
+    if not settings.project_dir.is_absolute() and not settings.project_dir.resolve().is_dir():
+        raise DeploymentError(f"--project-dir {settings.project_dir} is not a directory here; give the absolute "
+                              "path of the directory on the worker host")
     if not settings.gpu.replace(",", "").isdigit():
         raise DeploymentError(f"--gpu {settings.gpu!r} must be GPU indices such as 0 or 0,1")
 
@@ -152,6 +165,22 @@ def _ensure_pool(client: Any, settings: DeploySettings) -> bool:
     return False
 
 
+def _flow_and_job_variables(settings: DeploySettings) -> tuple[Any, dict[str, Any], Any]:
+    """The flow to deploy, the job variables, and the entrypoint type: from the checkout at
+    ``project_dir`` (Prefect's local storage), else by module path from the installed package."""
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.training_pipeline import training_pipeline
+
+    project_dir = settings.project_dir.resolve()
+    job_variables: dict[str, Any] = {"env": _job_env(settings.gpu)}
+    if (project_dir / ENTRYPOINT.split(":")[0]).is_file():
+        return training_pipeline.from_source(source=str(project_dir), entrypoint=ENTRYPOINT), job_variables, \
+            EntrypointType.FILE_PATH
+    job_variables["working_dir"] = str(project_dir)
+    return training_pipeline, job_variables, EntrypointType.MODULE_PATH
+
+
 def deploy(settings: DeploySettings) -> DeployResult:
     """Create or update the pool and both deployments on the server at ``settings.api_url``."""
     check_settings(settings)
@@ -159,69 +188,40 @@ def deploy(settings: DeploySettings) -> DeployResult:
     check_api(settings.api_url)
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentScheduleCreate
-    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.schedules import Cron
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.utilities.callables import parameter_schema
 
-    from flows.training_pipeline import training_pipeline
-
-    schema = parameter_schema(training_pipeline).model_dump_for_openapi()
-    project_dir = str(settings.project_dir.resolve())
-    common: dict[str, Any] = {
-        "work_pool_name": settings.pool,
-        "entrypoint": ENTRYPOINT,
-        "path": project_dir,
-        "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": project_dir}}],
-        "parameter_openapi_schema": schema,
-        "enforce_parameter_schema": True,
-        "job_variables": {"env": _job_env(settings.gpu)},
-    }
-    nightly_schedule = DeploymentScheduleCreate(
-        schedule=CronSchedule(cron=settings.cron, timezone=settings.timezone), active=True
-    )
     ids: dict[str, UUID] = {}
-    with temporary_settings({PREFECT_API_URL: settings.api_url}), get_client(sync_client=True) as client:
-        created = _ensure_pool(client, settings)
-        flow_id = client.create_flow_from_name(FLOW_NAME)
-        ids[NIGHTLY] = client.create_deployment(
-            flow_id,
-            NIGHTLY,
-            schedules=[nightly_schedule],
-            parameters=parameters[NIGHTLY],
-            description="Nightly incremental extract -> validate -> train -> evaluate -> export -> deploy; "
-            "promotes only when the gate passes",
-            tags=["recflow", "nightly"],
-            **common,
-        )
-        ids[ADHOC] = client.create_deployment(
-            flow_id,
-            ADHOC,
-            schedules=[],
-            parameters=parameters[ADHOC],
-            description="Run the pipeline on demand; every PipelineConfig field is editable in the run form",
-            tags=["recflow", "adhoc"],
-            **common,
-        )
-        _replace_schedules(client, ids[NIGHTLY], nightly_schedule)
-        _replace_schedules(client, ids[ADHOC], None)
-    return DeployResult(settings.api_url, settings.pool, created, ids, Path(project_dir))
-
-
-def _replace_schedules(client: Any, deployment_id: UUID, wanted: Any) -> None:
-    """Leave exactly ``wanted`` (or nothing): re-deploying with a new cron must not keep the old one."""
-    current = client.read_deployment_schedules(deployment_id)
-    keep = None
-    for s in current:
-        same = (
-            wanted is not None
-            and keep is None
-            and getattr(s.schedule, "cron", None) == wanted.schedule.cron
-            and getattr(s.schedule, "timezone", None) == wanted.schedule.timezone
-        )
-        if same:
-            keep = s
-        else:
-            client.delete_deployment_schedule(deployment_id, s.id)
-    if wanted is not None and keep is None:
-        client.create_deployment_schedules(deployment_id, [(wanted.schedule, True)])
+    with temporary_settings({PREFECT_API_URL: settings.api_url}):
+        with get_client(sync_client=True) as client:
+            created = _ensure_pool(client, settings)
+        flow, job_variables, entrypoint_type = _flow_and_job_variables(settings)
+        common: dict[str, Any] = {
+            "work_pool_name": settings.pool,
+            "job_variables": job_variables,
+            "entrypoint_type": entrypoint_type,
+            "enforce_parameter_schema": True,
+            "print_next_steps": False,
+        }
+        try:
+            ids[NIGHTLY] = flow.deploy(
+                NIGHTLY,
+                # Re-deploying replaces the schedule (a new cron never leaves the old one behind).
+                schedules=[Cron(settings.cron, timezone=settings.timezone)],
+                parameters=parameters[NIGHTLY],
+                description="Nightly incremental extract -> validate -> train -> evaluate -> export -> register; "
+                "promotes only when the gate passes",
+                tags=["recflow", "nightly"],
+                **common,
+            )
+            ids[ADHOC] = flow.deploy(
+                ADHOC,
+                parameters=parameters[ADHOC],
+                description="Run the pipeline on demand; every PipelineConfig field is editable in the run form",
+                tags=["recflow", "adhoc"],
+                **common,
+            )
+        except ValueError as exc:  # Prefect's own refusals (pool gone, no storage) are one line
+            raise DeploymentError(f"Prefect refused the deployment: {exc}") from None
+    entrypoint = ENTRYPOINT if entrypoint_type.value == "file_path" else MODULE_ENTRYPOINT
+    return DeployResult(settings.api_url, settings.pool, created, ids, settings.project_dir.resolve(), entrypoint)

@@ -1,4 +1,4 @@
-"""extract -> validate -> train -> evaluate -> export -> deploy, as one Prefect flow.
+"""extract -> validate -> train -> evaluate -> export -> register, as one Prefect flow.
 
 Run it ad hoc from Python::
 
@@ -22,10 +22,10 @@ from core.records import PipelineResult
 from flows._hooks import notify_on_completion, notify_on_failure
 from flows._stages import stage
 from tasks.build import build_task
-from tasks.deploy import deploy_task, promote_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.extract import commit_snapshot_task, extract_task, prepare_run_task
+from tasks.register import promote_task, register_task
 from tasks.ship import ship_task
 from tasks.train import train_task
 from tasks.validate import validate_task
@@ -57,9 +57,9 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResu
         exported = export_task(config, snapshot, splits, trained, evaluation, run_dir, data)
     del data  # nothing after export reads it: free the dataset and loaders
     ship = config.shipping.enabled and evaluation.gate.promote
-    with stage("deploy", run_dir):
+    with stage("register", run_dir):
         # When shipping, the local champion moves only once the production host has the version.
-        promotion = deploy_task(config, trained, evaluation, exported, run_dir, promote=evaluation.gate.promote and not ship)
+        promotion = register_task(config, trained, evaluation, exported, run_dir, promote=evaluation.gate.promote and not ship)
     shipped: str | None = None
     # Only a version that passed the gate leaves this machine; a rejected run leaves production as it was.
     if ship:
@@ -68,7 +68,7 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResu
             promotion = promote_task(config, promotion)
     return PipelineResult(
         status="promoted" if promotion.promoted else "rejected",
-        stage="deploy",
+        stage="register",
         run_dir=run_dir,
         metrics={"test": evaluation.test, "valid": evaluation.valid, "baseline": evaluation.baseline}
         | ({"test_seen_masked": evaluation.test_seen_masked} if evaluation.test_seen_masked else {}),

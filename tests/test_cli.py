@@ -93,7 +93,7 @@ def test_renamed_columns_train_and_summary_contract(trained: CliResult, workdir:
     s = trained.summary
     assert SUMMARY_KEYS <= set(s)
     assert s["status"] == "promoted"  # first run, beats Pop
-    assert (s["stage"], s["error"]) == ("deploy", None)
+    assert (s["stage"], s["error"]) == ("deploy", None)  # the register step, under its documented summary name
     # A sequential model: also scored with seen items masked (as EASE/BPR are, and as serving answers).
     assert set(s["metrics"]) == {"test", "baseline", "test_seen_masked"}
     assert 0 < s["metrics"]["baseline"]["ndcg@10"] < s["metrics"]["test"]["ndcg@10"] <= 1
@@ -168,3 +168,27 @@ def test_cli_reexecs_with_the_same_malloc_tunables_as_deployments() -> None:
     from core.modeling.devices import MALLOC_TUNABLES
 
     assert cli._MALLOC_TUNABLES == MALLOC_TUNABLES
+
+
+def test_config_takes_a_preset_name_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.config import load_config, preset_names
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the presets come from the package data
+    assert {"ml-100k-sasrec", "ml-100k-ease", "question-attempts"} <= set(preset_names())
+    for name in ("ml-100k-ease", "ml-100k-ease.yaml", "configs/ml-100k-ease.yaml"):
+        assert load_config(name).model.name == "EASE", name
+    (tmp_path / "ml-100k-ease.yaml").write_text("model: {name: BPR}\n")
+    assert load_config("ml-100k-ease.yaml").model.name == "BPR"  # a file of that name wins
+
+
+def test_an_unknown_preset_is_one_line_listing_the_presets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--config", "ml-100k-nope"])
+    assert result.exit_code == 2, result.output
+    assert "error: config file not found: ml-100k-nope" in result.output
+    assert "ml-100k-ease" in result.output and "question-attempts" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

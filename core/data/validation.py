@@ -51,6 +51,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,7 +69,8 @@ from core.config import QUESTION_ATTEMPTS_COLUMNS, PipelineConfig  # noqa: E402
 from core.errors import ConfigError, DataSourceError, DataValidationError  # noqa: E402
 from core.records import ITEM, RATING, TIME, USER, CheckResult, Snapshot, ValidationReport  # noqa: E402
 
-SUITES_DIR = Path(__file__).resolve().parents[2] / "expectations"
+# Package data (the ``expectations`` package): the checkout's folder, or its copy in an installed recflow.
+SUITES_DIR = Path(str(resources.files("expectations")))
 SUITE_FILES = {
     "interactions": SUITES_DIR / "interactions.json",
     "question_attempts": SUITES_DIR / "question_attempts.json",

@@ -285,6 +285,26 @@ def test_nightly_promotes_ships_and_serves_then_worse_adhoc_changes_nothing(
         assert client.post("/recommendations", json={"items": ["i1"], "k": 3}).json()["version"] == champion
 
 
+def test_a_directory_that_is_not_a_checkout_deploys_by_module_path(stack: Stack, deployed: dict[str, Any]) -> None:
+    """recflow installed as a package: the worker imports the flow by module path and runs in
+    --project-dir (Prefect's ``working_dir`` job variable), no pull step. Runs last: it redeploys."""
+    workdir = stack.root / "installed-workdir"
+    workdir.mkdir()
+    done = stack.cli(str(BIN / "recflow"), "deploy", "--config", str(stack.config_path), "--project-dir", str(workdir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "flows.training_pipeline.training_pipeline" in done.stdout
+    for name in ("nightly", "adhoc"):
+        dep = stack.get(f"/deployments/name/training-pipeline/{name}")
+        assert dep["id"] == deployed[name]["id"]  # updated in place
+        assert dep["entrypoint"] == "flows.training_pipeline.training_pipeline"
+        assert not dep["pull_steps"]  # no pull step: the worker imports the installed package
+        assert dep["job_variables"] == {"env": {"CUDA_VISIBLE_DEVICES": "0", "GLIBC_TUNABLES": MALLOC_TUNABLES},
+                                        "working_dir": str(workdir)}
+        assert dep["parameter_openapi_schema"]["definitions"]["PipelineConfig"]
+    nightly = stack.get("/deployments/name/training-pipeline/nightly")
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]  # the new cron replaced 02:30
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -37,7 +37,7 @@ def test_promotion_then_rejection(
     assert first.status == "promoted"
     assert len(receiver.requests) == 1
     body = receiver.requests[0].body
-    assert (body["event"], body["status"], body["stage"]) == ("promotion", "promoted", "deploy")
+    assert (body["event"], body["status"], body["stage"]) == ("promotion", "promoted", "register")
     assert body["model"] == "interactions-sasrec" and body["version"] == first.model_version
     assert first.gate is not None
     assert body["gate"]["candidate"] == first.gate.candidate and body["gate"]["baseline"] == first.gate.baseline

@@ -52,7 +52,7 @@ def _champion_target(env: FlowEnv) -> str:
 
 def test_first_run_is_promoted(env: FlowEnv, first: PipelineResult) -> None:
     assert first.status == "promoted"
-    assert (first.stage, first.error) == ("deploy", None)
+    assert (first.stage, first.error) == ("register", None)
     assert first.gate is not None and first.gate.promote is True
     assert first.gate.champion is None and first.gate.champion_version is None
     assert set(first.metrics) == {"test", "valid", "baseline", "test_seen_masked"}

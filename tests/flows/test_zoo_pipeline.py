@@ -69,7 +69,7 @@ def test_preset_completes_the_pipeline(
 
     result = training_pipeline(config)
 
-    assert result.status in ("promoted", "rejected") and (result.stage, result.error) == ("deploy", None)
+    assert result.status in ("promoted", "rejected") and (result.stage, result.error) == ("register", None)
     test, baseline = result.metrics["test"], result.metrics["baseline"]
     assert result.gate is not None and result.gate.metric == preset_config.evaluation.gate_metric
     if rating:

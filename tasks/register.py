@@ -1,3 +1,5 @@
+"""The register step: put a version into the local registry and (when it passed the gate) promote it."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +14,8 @@ from core.release.artifacts import CONFIG_FILE
 from core.release.registry import Registry
 
 
-@task(name="deploy", cache_policy=NO_CACHE)
-def deploy_task(
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(
     config: PipelineConfig,
     trained: TrainedModel,
     evaluation: Evaluation,
