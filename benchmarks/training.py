@@ -65,13 +65,13 @@ def run_recflow_side(preset: Path, epochs: int, threads: int | None, work: Path)
 
     from core.config import load_config
     from core.modeling.dataset import _has_rating_column, build_dataset, load_recbole_data, recbole_config_dict
-    from core.modeling import training
+    from core.modeling.trainer_mixin import RecflowTrainerMixin
     from core.data.extract import extract
     from core.modeling.training import train
 
     # Measurement only: the process's CPU time per epoch, as fit_bare records it on the bare side.
     epoch_cpu: list[float] = []
-    original = training._RecflowTrainerMixin._train_epoch
+    original = RecflowTrainerMixin._train_epoch
 
     def cpu_timed(self: Any, *a: Any, **kw: Any) -> Any:
         c0 = time.process_time()
@@ -80,7 +80,7 @@ def run_recflow_side(preset: Path, epochs: int, threads: int | None, work: Path)
         finally:
             epoch_cpu.append(time.process_time() - c0)
 
-    training._RecflowTrainerMixin._train_epoch = cpu_timed  # type: ignore[method-assign]
+    RecflowTrainerMixin._train_epoch = cpu_timed  # type: ignore[method-assign]
     t_imported = time.perf_counter()
     cfg = load_config(preset, overrides={"training.epochs": epochs, "training.threads": threads,
                                          "runs_dir": work / "runs", "registry.path": work / "registry"})

@@ -2,6 +2,12 @@
 
 Expensive artifacts (one trained tiny SASRec) are session-scoped and shared by the
 training, evaluation and export tests.
+
+Markers (registered in pyproject.toml): ``slow`` = trains a model or starts a service;
+``services`` = starts a real service (PostgreSQL, sshd, a Prefect server). ``pytest -m "not slow"``
+is the inner loop (no training, no services); plain ``pytest`` runs everything. Tests are marked
+here by the fixtures they use (so a session fixture that trains is only ever used by slow
+tests), by module (``SLOW_MODULES``: modules that train in most of their tests) or in the module itself.
 """
 
 from __future__ import annotations
@@ -22,6 +28,39 @@ import pytest  # noqa: E402
 from recflow_testdata import DATA_FILE, Interaction, TinyRun, make_interactions, tiny_config, write_csv  # noqa: E402
 
 from core.records import EpochStats  # noqa: E402
+
+
+# Fixtures that start a service (PostgreSQL, sshd, a Prefect server and worker).
+SERVICE_FIXTURES = frozenset({"prefect_harness", "pg_cluster", "sshd", "ship_settings", "stack"})
+# Fixtures that train a model (or load MovieLens-100k through RecBole).
+TRAINING_FIXTURES = frozenset({"tiny_run", "user_export", "rating_run", "ml100k_snapshot"})
+# Modules owned elsewhere that train (or start fresh interpreters importing torch) nearly
+# throughout, and single slow tests in otherwise fast modules (measured with --durations).
+SLOW_MODULES = frozenset({
+    "tests/core/modeling/test_training.py",
+    "tests/core/modeling/test_training_resilience.py",
+    "tests/core/modeling/test_batch_finder.py",
+    "tests/core/modeling/test_imports.py",
+    "tests/core/modeling/test_champion_rescore.py",
+})
+SLOW_TESTS = frozenset({
+    "tests/core/modeling/test_dataset_fastload.py::test_ml100k_sasrec_identical_splits",
+    "tests/core/modeling/test_dataset_fastload.py::test_ml100k_bpr_identical_splits_loaders_and_metrics",
+    "tests/core/modeling/test_seq_objectives.py::test_sampled_losses_train",
+    "tests/core/modeling/test_export.py::test_general_model_export_and_scorer",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath))
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        rel = Path(str(item.path)).resolve().relative_to(root).as_posix()
+        name = getattr(item, "originalname", item.name)
+        if fixtures & SERVICE_FIXTURES:
+            item.add_marker(pytest.mark.services)
+        if fixtures & (SERVICE_FIXTURES | TRAINING_FIXTURES) or rel in SLOW_MODULES or f"{rel}::{name}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,7 @@ def trained(workdir: Path) -> CliResult:
     return run_cli(workdir, "--data", f"good/{DATA_NAME}", *COLUMN_FLAGS, "--epochs", "2")
 
 
+@pytest.mark.slow  # runs `recflow run` in a subprocess: torch, RecBole, Prefect's server
 def test_renamed_columns_train_and_summary_contract(trained: CliResult, workdir: Path) -> None:
     context = f"stdout:\n{trained.stdout}\nstderr:\n{trained.stderr}"
     assert trained.code == 0, context
@@ -112,6 +113,7 @@ def test_renamed_columns_train_and_summary_contract(trained: CliResult, workdir:
     assert card["metrics"]["test_seen_masked"] == s["metrics"]["test_seen_masked"]
 
 
+@pytest.mark.slow  # runs `recflow run` in a subprocess: torch, RecBole, Prefect's server
 def test_broken_csv_stops_at_validate_and_keeps_the_champion(trained: CliResult, workdir: Path) -> None:
     champion_before = os.readlink(workdir / "registry" / REGISTRY_NAME / CHAMPION)
     assert champion_before == trained.summary["model_version"]
@@ -128,11 +130,13 @@ def test_broken_csv_stops_at_validate_and_keeps_the_champion(trained: CliResult,
     assert Registry(workdir / "registry").versions(REGISTRY_NAME) == [champion_before]
 
 
+@pytest.mark.slow  # runs `recflow run` in a subprocess: torch, RecBole, Prefect's server
 def test_missing_file(workdir: Path) -> None:
     result = run_cli(workdir, "--data", "nope/missing.csv", summary="missing.json")
     assert_user_error(result, "extract", "data file not found: nope/missing.csv")
 
 
+@pytest.mark.slow  # runs `recflow run` in a subprocess: torch, RecBole, Prefect's server
 def test_unknown_column_is_named(workdir: Path) -> None:
     result = run_cli(workdir, "--data", f"good/{DATA_NAME}", "--user-col", "student", "--item-col", "question_id",
                      "--time-col", "created_at", summary="column.json")
@@ -140,6 +144,7 @@ def test_unknown_column_is_named(workdir: Path) -> None:
     assert "learner" in result.error_lines[0]  # and says which columns exist
 
 
+@pytest.mark.slow  # runs `recflow run` in a subprocess: torch, RecBole, Prefect's server
 def test_unreadable_file(workdir: Path) -> None:
     blob = workdir / "blob.csv"
     blob.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + os.urandom(2048))
@@ -147,6 +152,7 @@ def test_unreadable_file(workdir: Path) -> None:
     assert_user_error(result, "extract", "neither CSV nor Parquet")
 
 
+@pytest.mark.slow  # runs `recflow run` in a subprocess: torch, RecBole, Prefect's server
 def test_unknown_model_fails_before_the_flow(workdir: Path) -> None:
     result = run_cli(workdir, "--data", f"good/{DATA_NAME}", *COLUMN_FLAGS, "--model", "NotAModel",
                      summary="model.json")
@@ -155,6 +161,7 @@ def test_unknown_model_fails_before_the_flow(workdir: Path) -> None:
     assert "Starting temporary server" not in result.stderr  # failed fast, no Prefect
 
 
+@pytest.mark.slow  # runs `recflow run` in a subprocess: torch, RecBole, Prefect's server
 def test_a_bad_training_objective_is_one_config_error(workdir: Path) -> None:
     result = run_cli(workdir, "--data", f"good/{DATA_NAME}", *COLUMN_FLAGS, "--objective", "every_item",
                      "--loss", "ce", "--max-minutes", "2", summary="objective.json")
@@ -168,6 +175,76 @@ def test_cli_reexecs_with_the_same_malloc_tunables_as_deployments() -> None:
     from core.modeling.devices import MALLOC_TUNABLES
 
     assert cli._MALLOC_TUNABLES == MALLOC_TUNABLES
+
+
+def _interpreter_starts(tmp_path: Path, env_update: dict[str, str]) -> list[dict[str, Any]]:
+    """Run the installed ``recflow`` script with a sitecustomize that records every interpreter start
+    (pid, argv, GLIBC_TUNABLES): an exec keeps the pid and starts a second interpreter."""
+    script = Path(sys.executable).parent / "recflow"
+    if not script.is_file():
+        pytest.skip(f"recflow is not installed next to {sys.executable}")
+    hook = tmp_path / "hook"
+    hook.mkdir(parents=True)
+    log = tmp_path / "starts.jsonl"
+    (hook / "sitecustomize.py").write_text(
+        "import json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as fh:\n"
+        "    fh.write(json.dumps({'pid': os.getpid(), 'argv': sys.argv,"
+        " 'tunables': os.environ.get('GLIBC_TUNABLES')}) + '\\n')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RECFLOW_NO_REEXEC", "GLIBC_TUNABLES")}
+    env |= {"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]), **env_update}
+    proc = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "recflow" in proc.stdout, proc.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the re-exec is Linux-only (glibc)")
+def test_the_cli_reexecs_itself_once_with_the_malloc_tunables(tmp_path: Path) -> None:
+    from core.modeling.devices import MALLOC_TUNABLES
+
+    first, second = _interpreter_starts(tmp_path, {})  # exactly two interpreter starts
+    assert first["pid"] == second["pid"]  # execve: the same process, a fresh interpreter
+    assert first["tunables"] is None
+    assert second["tunables"] == MALLOC_TUNABLES
+    assert second["argv"][1:] == first["argv"][1:] == ["--help"]
+    assert Path(second["argv"][0]).name == "recflow"
+    # The escape hatch and an environment that already has tunables: no re-exec.
+    assert [s["tunables"] for s in _interpreter_starts(tmp_path / "off", {"RECFLOW_NO_REEXEC": "1"})] == [None]
+    own = "glibc.malloc.arena_max=2"
+    assert [s["tunables"] for s in _interpreter_starts(tmp_path / "own", {"GLIBC_TUNABLES": own})] == [own]
+
+
+@pytest.mark.slow  # runs `recflow run` in a subprocess: torch, RecBole, Prefect's server
+def test_question_attempt_columns_in_a_data_file_get_their_rules(workdir: Path) -> None:
+    """`--data` with the ed-tech extras (is_correct, response_time_seconds, ...) is validated like the
+    question_attempts table: a "maybe" and negative response times stop the run, naming only the bad values."""
+    import polars as pl
+
+    from core.data.sources.synthetic import generate_question_attempts
+
+    frame = generate_question_attempts(30, seed=5)
+    n = frame.height
+    odd = pl.Series([k % 50 == 7 for k in range(n)])  # 2 % of the rows
+    frame = frame.with_columns(
+        pl.col("created_at").dt.to_string("%Y-%m-%dT%H:%M:%S%.f%:z"),
+        pl.when(odd).then(pl.lit("maybe")).otherwise(pl.col("is_correct").cast(pl.String)).alias("is_correct"),
+        pl.when(odd).then(pl.lit(-4.0)).otherwise(pl.col("response_time_seconds")).alias("response_time_seconds"),
+    )
+    bad = workdir / "attempts" / "attempts.csv"
+    bad.parent.mkdir()
+    frame.write_csv(bad)
+    flags = ["--user-col", "user_id", "--item-col", "question_id", "--time-col", "created_at"]
+    result = run_cli(workdir, "--data", "attempts/attempts.csv", *flags, summary="attempts.json")
+    assert_user_error(result, "validate", "data validation failed")
+    error = result.summary["error"]
+    count = f"{int(odd.sum())} of {n} values"
+    assert f"expect_column_values_to_be_in_set(is_correct): {count}" in error
+    assert "e.g. [maybe]" in error
+    assert f"expect_column_values_to_be_between(response_time_seconds): {count}" in error
+    assert "e.g. [-4.0]" in error
+    assert f"{n} of {n} values" not in error
+    assert not (workdir / "registry" / "attempts-sasrec").exists()  # nothing trained, nothing registered
 
 
 def test_config_takes_a_preset_name_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,8 @@ Suites, one per schema:
   (user_id, item_id, timestamp, optional rating);
 * ``question_attempts`` (``expectations/question_attempts.json``): the same plus the ed-tech
   columns is_correct, response_time_seconds, difficulty_level, topic and subtopic
-  (carried into the snapshot through ``columns.extra``).
+  (carried into the snapshot through ``columns.extra``; a ``--data`` file that has all five
+  keeps them without it, see ``core/data/sources/file.py``).
 
 ``validation.suite: auto`` picks ``question_attempts`` when the snapshot has all five of
 those columns, else ``interactions``; ``validate_snapshot(..., suite_path=...)`` overrides both.
@@ -355,6 +356,24 @@ def _check_from_result(result: ExpectationValidationResult, frame: pl.DataFrame)
     elif cfg.type == "expect_column_values_to_be_in_type_list" and column in frame.columns:
         # GX names numpy/pandas classes (e.g. CategoricalDtypeType for text); say what the data is.
         details = f"{column} is {frame.schema[column]}"
+        if not success and frame.schema[column] == pl.String:
+            # A text column where booleans/numbers belong (a CSV column with one odd value in it):
+            # name the values that are not what the column should hold, not all of them.
+            kind = "boolean" if set(map(str, kwargs.get("type_list") or ())) & _BOOL_TYPES else "numeric"
+            bad_values = _text_not_parsing(frame.get_column(column), kind)
+            if bad_values.len():
+                details += f": {_bad_count(bad_values, frame.height)} are not {kind}"
+                examples = _unique_strings(bad_values.head(200).to_list())
+    elif cfg.type == "expect_column_values_to_be_in_set" and column in frame.columns \
+            and frame.schema[column] == pl.String and not success:
+        # GX compares text with the set's own values: "true" is not True, so every value of a text
+        # is_correct column would count as bad. Compare text as text; count and show only real misfits.
+        allowed = {str(v).lower() if isinstance(v, bool) else str(v) for v in kwargs.get("value_set") or ()}
+        series = frame.get_column(column).drop_nulls()
+        folded = series.str.to_lowercase() if any(isinstance(v, bool) for v in kwargs.get("value_set") or ()) else series
+        bad_values = series.filter(~folded.is_in(list(allowed)))
+        details = f"{_bad_count(bad_values, frame.height)}" if bad_values.len() else "0 values"
+        examples = _unique_strings(bad_values.head(200).to_list())
     elif cfg.type == "expect_table_row_count_to_be_between":
         rows = outcome.get("observed_value")
         details = "no rows" if rows == 0 else f"{rows} rows"
@@ -670,6 +689,21 @@ def raise_for_failures(report: ValidationReport) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+_BOOL_TYPES = {"bool", "bool_", "boolean", "BooleanDtype"}
+
+
+def _text_not_parsing(series: pl.Series, kind: str) -> pl.Series:
+    """The non-null text values that do not read as ``kind`` ("boolean": true/false in any case)."""
+    values = series.drop_nulls()
+    if kind == "boolean":
+        return values.filter(~values.str.strip_chars().str.to_lowercase().is_in(["true", "false"]))
+    return values.filter(values.str.strip_chars().cast(pl.Float64, strict=False).is_null())
+
+
+def _bad_count(bad_values: pl.Series, total: int) -> str:
+    return f"{bad_values.len()} of {total} values ({_pct(bad_values.len(), total)})"
 
 
 def _pct(part: int, whole: int) -> str:

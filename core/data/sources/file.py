@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from core.config import ColumnsConfig, SourceConfig
+from core.config import QUESTION_ATTEMPTS_COLUMNS, ColumnsConfig, SourceConfig
 from core.errors import DataSourceError
 from core.data.sources.base import canonicalise_columns, in_window
 
@@ -64,8 +64,23 @@ class FileSource:
                         f"{self.path}: found one column {only[:60]!r}; the file looks {sep!r}-separated "
                         f"(use --separator, or source.separator in the config)"
                     )
-        canonical = canonicalise_columns(frame, self.columns, origin=str(self.path))
+        canonical = canonicalise_columns(frame, _with_question_attempt_extras(self.columns, schema), origin=str(self.path))
         return in_window(canonical, self.since, self.source.until)
+
+
+def _with_question_attempt_extras(columns: ColumnsConfig, schema: pl.Schema) -> ColumnsConfig:
+    """A file with all of question_attempts' extra columns keeps them, so validation (suite
+    ``auto``) applies the question_attempts rules to them, as for a database source.
+
+    Only when no ``columns.extra`` was given (an explicit list wins) and none of those
+    columns is already mapped to user/item/time/rating.
+    """
+    extras = list(QUESTION_ATTEMPTS_COLUMNS["extra"])
+    if columns.extra or not set(extras) <= set(schema.names()):
+        return columns
+    if set(extras) & {columns.user, columns.item, columns.time, columns.rating}:
+        return columns
+    return columns.model_copy(update={"extra": extras})
 
 
 def _check_text(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -383,10 +384,14 @@ def test_is_correct_must_be_boolean(tmp_path: Path, config: PipelineConfig) -> N
     report = _validate(_qa_frame(is_correct=answers), tmp_path, config)
     assert report.suite == "question_attempts"  # the column exists; its content is wrong
     type_check = _check(report, f"{TYPE_LIST}(is_correct)")
-    assert not type_check.success and type_check.details.startswith("is_correct is String")
+    assert not type_check.success
+    # Only the values that are not booleans are counted and shown: "true"/"false" text is fine.
+    assert type_check.details.startswith("is_correct is String: 1 of 24 values (4.17%) are not boolean")
     assert "boolean column" in type_check.details
+    assert type_check.examples == ["maybe"]
     in_set = _check(report, f"{IN_SET}(is_correct)")
-    assert not in_set.success and "maybe" in in_set.examples
+    assert not in_set.success and in_set.details.startswith("1 of 24 values (4.17%)")
+    assert in_set.examples == ["maybe"]
     nulls = _check(report, f"{NOT_NULL}(is_correct)")
     assert not nulls.success and nulls.details.startswith("1 of 24 values")
     assert {c.name for c in report.failures} == {type_check.name, in_set.name, nulls.name}
@@ -541,3 +546,84 @@ def test_recbole_na_tokens_are_pandas_defaults() -> None:
     from core.data.validation import RECBOLE_NA_TOKENS
 
     assert RECBOLE_NA_TOKENS == STR_NA_VALUES
+
+
+# ------------------------------------------------ question_attempts columns in a --data file
+
+
+def _attempts_csv(path: Path, *, users: int = 30, seed: int = 3, **replace: Callable[[pl.DataFrame], pl.Expr]) -> Path:
+    """Synthetic question attempts written as a CSV with their own column names."""
+    from core.data.sources.synthetic import generate_question_attempts
+
+    frame = generate_question_attempts(users, seed=seed)
+    frame = frame.with_columns(pl.col("created_at").dt.to_string("%Y-%m-%dT%H:%M:%S%.f%:z"))
+    for column, make in replace.items():
+        frame = frame.with_columns(make(frame).alias(column))
+    frame.write_csv(path)
+    return path
+
+
+def _every(n: int, every: int) -> pl.Series:
+    return pl.Series([k % every == 0 for k in range(n)])
+
+
+def _file_config(path: Path) -> PipelineConfig:
+    # What `recflow run --data FILE --user-col user_id --item-col question_id --time-col created_at` builds.
+    return load_config(overrides={"source.kind": "file", "source.path": str(path), "columns.user": "user_id",
+                                  "columns.item": "question_id", "columns.time": "created_at"})
+
+
+def test_a_data_file_with_question_attempt_columns_gets_their_rules(tmp_path: Path) -> None:
+    cfg = _file_config(_attempts_csv(tmp_path / "attempts.csv"))
+    assert cfg.columns.extra == []  # nothing named them: the file's own columns decide
+    snapshot = extract(cfg, tmp_path)
+    assert set(QA_COLUMNS) <= set(pl.read_parquet_schema(snapshot.path))
+    report = validate_snapshot(snapshot, cfg, tmp_path)
+    assert report.suite == "question_attempts"
+    assert report.success, failure_message(report)
+
+
+def test_a_data_file_with_a_maybe_in_is_correct_is_stopped(tmp_path: Path) -> None:
+    path = _attempts_csv(
+        tmp_path / "attempts.csv",
+        is_correct=lambda f: pl.when(_every(f.height, 50)).then(pl.lit("maybe"))
+        .otherwise(pl.col("is_correct").cast(pl.String)),
+    )
+    cfg = _file_config(path)
+    report = validate_snapshot(extract(cfg, tmp_path), cfg, tmp_path)
+    assert report.suite == "question_attempts" and not report.success
+    n = pl.read_csv(path).height
+    bad = len(range(0, n, 50))
+    assert 0 < bad < n / 40  # about 2 % of the rows
+    in_set = _check(report, f"{IN_SET}(is_correct)")
+    assert in_set.details.startswith(f"{bad} of {n} values")
+    assert in_set.examples == ["maybe"]
+    type_check = _check(report, f"{TYPE_LIST}(is_correct)")
+    assert type_check.details.startswith(f"is_correct is String: {bad} of {n} values")
+    with pytest.raises(DataValidationError, match=rf"is_correct\): {bad} of {n} values .* e\.g\. \[maybe\]"):
+        raise_for_failures(report)
+
+
+def test_a_data_file_with_negative_response_times_is_stopped(tmp_path: Path) -> None:
+    path = _attempts_csv(
+        tmp_path / "attempts.csv",
+        response_time_seconds=lambda f: pl.when(_every(f.height, 40)).then(pl.lit(-7.5))
+        .otherwise(pl.col("response_time_seconds")),
+    )
+    cfg = _file_config(path)
+    report = validate_snapshot(extract(cfg, tmp_path), cfg, tmp_path)
+    assert report.suite == "question_attempts"
+    assert [c.name for c in report.failures] == [f"{BETWEEN}(response_time_seconds)"]
+    check = report.failures[0]
+    n = pl.read_csv(path).height
+    assert check.details.startswith(f"{len(range(0, n, 40))} of {n} values")
+    assert check.examples == ["-7.5"]
+
+
+def test_explicit_extra_columns_still_win_for_a_data_file(tmp_path: Path) -> None:
+    path = _attempts_csv(tmp_path / "attempts.csv")
+    cfg = load_config(overrides={"source.kind": "file", "source.path": str(path), "columns.item": "question_id",
+                                 "columns.time": "created_at", "columns.extra": ["topic"]})
+    snapshot = extract(cfg, tmp_path)
+    assert pl.read_parquet_schema(snapshot.path).names() == [USER, ITEM, TIME, "topic"]
+    assert validate_snapshot(snapshot, cfg, tmp_path).suite == "interactions"
