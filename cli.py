@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -71,34 +71,34 @@ def _quiet_prefect_tracebacks() -> None:
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file or preset name, e.g. ml-100k-ease")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="CSV or Parquet file (default: ml-100k)")] = None,
-    user_col: Annotated[Optional[str], typer.Option("--user-col", help="user id column in --data")] = None,
-    item_col: Annotated[Optional[str], typer.Option("--item-col", help="item id column in --data")] = None,
-    time_col: Annotated[Optional[str], typer.Option("--time-col", help="timestamp column (ISO or epoch seconds)")] = None,
-    rating_col: Annotated[Optional[str], typer.Option("--rating-col", help="optional rating column")] = None,
-    separator: Annotated[Optional[str], typer.Option("--separator", help="CSV field separator (default ',')")] = None,
-    source: Annotated[Optional[str], typer.Option("--source", help="file|ml-100k|postgres|supabase|synthetic")] = None,
-    dsn: Annotated[Optional[str], typer.Option("--dsn", help="Postgres URL WITHOUT password (else use $RECFLOW_PG_DSN)")] = None,
-    dsn_env: Annotated[Optional[str], typer.Option("--dsn-env", help="env var holding the Postgres URL")] = None,
-    url: Annotated[Optional[str], typer.Option("--url", help="Supabase project URL")] = None,
-    key_env: Annotated[Optional[str], typer.Option("--key-env", help="env var holding the Supabase key")] = None,
-    table: Annotated[Optional[str], typer.Option("--table", help="table to read (default question_attempts)")] = None,
-    since: Annotated[Optional[str], typer.Option("--since", help="only rows at or after this ISO time")] = None,
-    until: Annotated[Optional[str], typer.Option("--until", help="only rows before this ISO time")] = None,
-    incremental: Annotated[Optional[bool], typer.Option("--incremental/--no-incremental", help="append only new rows to the snapshot store")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file or preset name, e.g. ml-100k-ease")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="CSV or Parquet file (default: ml-100k)")] = None,
+    user_col: Annotated[str | None, typer.Option("--user-col", help="user id column in --data")] = None,
+    item_col: Annotated[str | None, typer.Option("--item-col", help="item id column in --data")] = None,
+    time_col: Annotated[str | None, typer.Option("--time-col", help="timestamp column (ISO or epoch seconds)")] = None,
+    rating_col: Annotated[str | None, typer.Option("--rating-col", help="optional rating column")] = None,
+    separator: Annotated[str | None, typer.Option("--separator", help="CSV field separator (default ',')")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="file|ml-100k|postgres|supabase|synthetic")] = None,
+    dsn: Annotated[str | None, typer.Option("--dsn", help="Postgres URL WITHOUT password (else use $RECFLOW_PG_DSN)")] = None,
+    dsn_env: Annotated[str | None, typer.Option("--dsn-env", help="env var holding the Postgres URL")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="Supabase project URL")] = None,
+    key_env: Annotated[str | None, typer.Option("--key-env", help="env var holding the Supabase key")] = None,
+    table: Annotated[str | None, typer.Option("--table", help="table to read (default question_attempts)")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="only rows at or after this ISO time")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="only rows before this ISO time")] = None,
+    incremental: Annotated[bool | None, typer.Option("--incremental/--no-incremental", help="append only new rows to the snapshot store")] = None,
     full_refresh: Annotated[bool, typer.Option("--full-refresh", help="re-read everything, reset the watermark")] = False,
-    store_dir: Annotated[Optional[Path], typer.Option("--store-dir", help="snapshot store (incremental)")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="any RecBole model name, e.g. SASRec, BPR")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="epoch cap (early stopping usually ends training first)")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="training wall-time budget (default 15)")] = None,
-    objective: Annotated[Optional[str], typer.Option("--objective", help="sequential models: all_positions (default) or last_item (RecBole's rows)")] = None,
-    loss: Annotated[Optional[str], typer.Option("--loss", help="all_positions: ce (default), sampled_softmax or gbce")] = None,
-    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="train batch rows, or 'auto' (largest that fits the GPU)")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto|cpu|cuda|mps")] = None,
-    registry: Annotated[Optional[Path], typer.Option("--registry", help="model registry folder")] = None,
-    runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="where run folders go")] = None,
-    summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="write the outcome as JSON")] = None,
+    store_dir: Annotated[Path | None, typer.Option("--store-dir", help="snapshot store (incremental)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="any RecBole model name, e.g. SASRec, BPR")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="epoch cap (early stopping usually ends training first)")] = None,
+    max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="training wall-time budget (default 15)")] = None,
+    objective: Annotated[str | None, typer.Option("--objective", help="sequential models: all_positions (default) or last_item (RecBole's rows)")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="all_positions: ce (default), sampled_softmax or gbce")] = None,
+    batch_size: Annotated[str | None, typer.Option("--batch-size", help="train batch rows, or 'auto' (largest that fits the GPU)")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto|cpu|cuda|mps")] = None,
+    registry: Annotated[Path | None, typer.Option("--registry", help="model registry folder")] = None,
+    runs_dir: Annotated[Path | None, typer.Option("--runs-dir", help="where run folders go")] = None,
+    summary_json: Annotated[Path | None, typer.Option("--summary-json", help="write the outcome as JSON")] = None,
 ) -> None:
     """Run extract -> validate -> train -> evaluate -> export -> register once."""
     from core.errors import RecflowError
@@ -252,7 +252,7 @@ def _print_result(result: Any) -> None:
     typer.echo(f"run folder: {result.run_dir}")
 
 
-def _write_summary(path: Optional[Path], summary: dict[str, Any]) -> None:
+def _write_summary(path: Path | None, summary: dict[str, Any]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,11 +262,11 @@ def _write_summary(path: Optional[Path], summary: dict[str, Any]) -> None:
 @app.command()
 def recommend(
     name: Annotated[str, typer.Argument(help="registry entry, e.g. ml-100k-sasrec")],
-    items: Annotated[Optional[str], typer.Option("--items", help="the user's history, oldest first, comma-separated")] = None,
-    user: Annotated[Optional[str], typer.Option("--user", help="user id (non-sequential models)")] = None,
+    items: Annotated[str | None, typer.Option("--items", help="the user's history, oldest first, comma-separated")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="user id (non-sequential models)")] = None,
     k: Annotated[int, typer.Option("-k", min=1)] = 10,
     registry: Annotated[Path, typer.Option("--registry")] = Path("registry"),
-    version: Annotated[Optional[str], typer.Option("--version", help="default: the champion")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="default: the champion")] = None,
     include_seen: Annotated[bool, typer.Option("--include-seen", help="allow items already in the history")] = False,
 ) -> None:
     """Score with a registered model (the champion by default) through onnxruntime."""
@@ -299,13 +299,13 @@ def recommend(
 
 @app.command()
 def serve(
-    model: Annotated[Optional[str], typer.Option("--model", help="registry entry to serve (default: the only one)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="registry entry to serve (default: the only one)")] = None,
     registry: Annotated[Path, typer.Option("--registry", help="model registry folder")] = Path("registry"),
     host: Annotated[str, typer.Option("--host", help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
     workers: Annotated[int, typer.Option("--workers", min=1, help="worker processes (about one per core)")] = 1,
     poll_seconds: Annotated[float, typer.Option("--poll-seconds", min=0.0, help="how often to look for a new champion (0: never)")] = 2.0,
-    max_history: Annotated[Optional[int], typer.Option("--max-history", min=1, help="longest accepted history (default 10 x max_seq_length)")] = None,
+    max_history: Annotated[int | None, typer.Option("--max-history", min=1, help="longest accepted history (default 10 x max_seq_length)")] = None,
     allow_unverified: Annotated[bool, typer.Option("--allow-unverified", help=f"serve versions that have no {CHECKSUMS_FILE}")] = False,
 ) -> None:
     """Serve the champion over HTTP: POST /recommendations, GET /healthz, docs at /docs; hot-swaps new champions."""
@@ -363,8 +363,8 @@ def data_synth(
 
     Realistic size: --users 22000 --questions 8000 --attempts-per-user 39 (about 860k attempts).
     """
-    from core.errors import RecflowError
     from core.data.sources.synthetic import write_question_bank
+    from core.errors import RecflowError
 
     if users < 2:
         _fail(f"--users must be at least 2, got {users}")
@@ -387,20 +387,21 @@ def data_synth(
 
 @app.command()
 def deploy(
-    api_url: Annotated[Optional[str], typer.Option("--api-url", help="Prefect API, e.g. http://gpu-host:4200/api (default: PREFECT_API_URL)")] = None,
+    api_url: Annotated[str | None, typer.Option("--api-url", help="Prefect API, e.g. http://gpu-host:4200/api (default: PREFECT_API_URL)")] = None,
     pool: Annotated[str, typer.Option("--pool", help="process work pool on the GPU host")] = "gpu",
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file or preset name both deployments default to")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file or preset name both deployments default to")] = None,
     cron: Annotated[str, typer.Option("--cron", help="nightly schedule")] = "0 2 * * *",
     timezone: Annotated[str, typer.Option("--timezone", help="IANA zone of --cron, e.g. Europe/Berlin")] = "UTC",
     gpu: Annotated[str, typer.Option("--gpu", help="CUDA_VISIBLE_DEVICES for the runs, e.g. 0 or 0,1")] = "0",
-    project_dir: Annotated[Optional[Path], typer.Option("--project-dir", help="checkout (or, with recflow installed, working directory) on the worker host (default: this checkout, else the current directory)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override KEY=VALUE, e.g. training.epochs=5 (repeatable)")] = None,
+    project_dir: Annotated[Path | None, typer.Option("--project-dir", help="checkout (or, with recflow installed, working directory) on the worker host (default: this checkout, else the current directory)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="config override KEY=VALUE, e.g. training.epochs=5 (repeatable)")] = None,
 ) -> None:
     """Create or update the `gpu` work pool and the training-pipeline/nightly and /adhoc deployments."""
     import yaml
 
     from core.errors import RecflowError
-    from deployments.deploy import CHECKOUT, DeploySettings, deploy as run_deploy
+    from deployments.deploy import CHECKOUT, DeploySettings
+    from deployments.deploy import deploy as run_deploy
 
     if api_url is None:
         from prefect.settings import PREFECT_API_URL
@@ -433,16 +434,16 @@ def deploy(
 # --- the production host (SFTP; core/release/shipping/sftp.py) -----------------------------------------
 # Target settings come from --config's `shipping:` section, each overridable by a flag. Exit 2:
 # a mistake found before connecting (config, local registry, key); exit 1: the host step failed.
-_ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML with a `shipping:` section")]
-_HostOpt = Annotated[Optional[str], typer.Option("--host", help="production host (shipping.host)")]
-_PortOpt = Annotated[Optional[int], typer.Option("--port", min=1, max=65535, help="SSH port (shipping.port)")]
-_UserOpt = Annotated[Optional[str], typer.Option("--user", help="SSH user (shipping.username)")]
-_DirOpt = Annotated[Optional[str], typer.Option("--remote-dir", help="absolute directory on the host")]
-_KnownOpt = Annotated[Optional[Path], typer.Option("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")]
-_KeyEnvOpt = Annotated[Optional[str], typer.Option("--key-env", help="env var holding the key file path or text")]
+_ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML with a `shipping:` section")]
+_HostOpt = Annotated[str | None, typer.Option("--host", help="production host (shipping.host)")]
+_PortOpt = Annotated[int | None, typer.Option("--port", min=1, max=65535, help="SSH port (shipping.port)")]
+_UserOpt = Annotated[str | None, typer.Option("--user", help="SSH user (shipping.username)")]
+_DirOpt = Annotated[str | None, typer.Option("--remote-dir", help="absolute directory on the host")]
+_KnownOpt = Annotated[Path | None, typer.Option("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")]
+_KeyEnvOpt = Annotated[str | None, typer.Option("--key-env", help="env var holding the key file path or text")]
 
 
-def _shipping_target(config: Optional[Path], registry: Optional[Path], flags: dict[str, Any]) -> tuple[Any, Any]:
+def _shipping_target(config: Path | None, registry: Path | None, flags: dict[str, Any]) -> tuple[Any, Any]:
     """(PipelineConfig, paramiko key) or exit 2 naming what is missing."""
     import logging as _logging
 
@@ -479,8 +480,8 @@ def _secret_loader() -> Any:
     return load_prefect_secret
 
 
-def _target_flags(host: Optional[str], port: Optional[int], user: Optional[str], remote_dir: Optional[str],
-                  known_hosts: Optional[Path], key_env: Optional[str]) -> dict[str, Any]:
+def _target_flags(host: str | None, port: int | None, user: str | None, remote_dir: str | None,
+                  known_hosts: Path | None, key_env: str | None) -> dict[str, Any]:
     return {"host": host, "port": port, "username": user, "remote_dir": remote_dir, "known_hosts": known_hosts,
             "key_env": key_env}
 
@@ -488,8 +489,8 @@ def _target_flags(host: Optional[str], port: Optional[int], user: Optional[str],
 @app.command()
 def ship(
     name: Annotated[str, typer.Argument(help="registry entry, e.g. ml-100k-sasrec")],
-    version: Annotated[Optional[str], typer.Option("--version", help="default: the local champion")] = None,
-    registry: Annotated[Optional[Path], typer.Option("--registry", help="local model registry folder")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="default: the local champion")] = None,
+    registry: Annotated[Path | None, typer.Option("--registry", help="local model registry folder")] = None,
     config: _ConfigOpt = None, host: _HostOpt = None, port: _PortOpt = None, user: _UserOpt = None,
     remote_dir: _DirOpt = None, known_hosts: _KnownOpt = None, key_env: _KeyEnvOpt = None,
 ) -> None:
@@ -529,7 +530,7 @@ def ship(
 @app.command()
 def rollback(
     name: Annotated[str, typer.Argument(help="registry entry, e.g. ml-100k-sasrec")],
-    to: Annotated[Optional[str], typer.Option("--to", help="version to serve (default: the previous champion)")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="version to serve (default: the previous champion)")] = None,
     config: _ConfigOpt = None, host: _HostOpt = None, port: _PortOpt = None, user: _UserOpt = None,
     remote_dir: _DirOpt = None, known_hosts: _KnownOpt = None, key_env: _KeyEnvOpt = None,
 ) -> None:

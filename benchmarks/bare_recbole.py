@@ -153,9 +153,8 @@ def _split_summary(dataset: Any, train: Any, valid: Any, test: Any) -> dict[str,
 
 
 def _process_info() -> dict[str, Any]:
-    import torch
-
     import recbole
+    import torch
 
     return {
         "torch": torch.__version__,
@@ -211,7 +210,7 @@ def fit_bare(model_name: str, config_dict: dict[str, Any], threads: int | None) 
         return loss
 
     trainer._train_epoch = timed_train_epoch
-    best_valid_score, best_valid_result = trainer.fit(
+    _best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=True, show_progress=config["show_progress"]
     )
     t_fit = time.perf_counter()
@@ -270,9 +269,9 @@ def run_recflow(epochs: int, threads: int | None, work: Path) -> dict[str, Any]:
     import torch
 
     from core.config import load_config
+    from core.data.extract import extract
     from core.modeling.dataset import build_dataset, load_recbole_data
     from core.modeling.evaluation import ranking_metrics
-    from core.data.extract import extract
     from core.modeling.training import load_trained, train
 
     t_imported = time.perf_counter()

@@ -129,8 +129,8 @@ def export_split(threads: int) -> None:
     sys.path.insert(0, str(REPO))
     from core.config import load_config
     from core.modeling.dataset import load_recbole_data
-    from core.records import DatasetSplits
     from core.modeling.sequence_windows import sequences_from_train_rows
+    from core.records import DatasetSplits
 
     splits_path = TTQ / "data" / "splits.json"
     if not splits_path.is_file():
@@ -366,14 +366,14 @@ def run_rectools(seed: int, threads: int, stopping_step: str, epoch_cap: str, ou
     import torch
 
     torch.set_num_threads(threads)
+    import logging
+
     import pytorch_lightning as pl
     import rectools
     from rectools import Columns
     from rectools.dataset import Dataset
     from rectools.models import SASRecModel
     from rectools.models.nn.item_net import IdEmbeddingsItemNet
-
-    import logging
 
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # "GPU available: False ..." and the like
@@ -533,7 +533,7 @@ def report(summary: dict[str, Any], ref: dict[str, Any] | None) -> None:
     print(f"{'':34}{'RecTools':>12}{'recflow':>12}")
 
     def row(label: str, ours: Any, theirs: Any, fmt: str = "{:.4f}") -> None:
-        f = lambda v: "-" if v is None else fmt.format(v)  # noqa: E731
+        f = lambda v: "-" if v is None else fmt.format(v)
         print(f"{label:34}{f(ours):>12}{f(theirs):>12}")
 
     r = ref or {}

@@ -61,11 +61,11 @@ GOAL_P99_MS = 20.0
 def _tiny_registry(folder: Path) -> tuple[Path, str]:
     """Train, export and register a tiny SASRec on a synthetic walk (no registry given)."""
     from core.config import load_config
+    from core.data.extract import extract
     from core.modeling.dataset import build_dataset
     from core.modeling.export import export_model
-    from core.data.extract import extract
-    from core.release.registry import Registry
     from core.modeling.training import train
+    from core.release.registry import Registry
 
     rng = random.Random(0)
     rows = ["user_id,item_id,timestamp"]
@@ -87,7 +87,7 @@ def _tiny_registry(folder: Path) -> tuple[Path, str]:
     splits = build_dataset(extract(config, run_dir), config, run_dir)
     trained = train(config, splits, run_dir)
     (run_dir / "config.yaml").write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
-    exported, section = export_model(config, splits, trained, run_dir)
+    _exported, section = export_model(config, splits, trained, run_dir)
     files = [p for p in sorted((run_dir / "export").iterdir()) if p.is_file()] + [trained.checkpoint,
                                                                                    run_dir / "config.yaml"]
     name = "bench-tiny-sasrec"
@@ -129,8 +129,8 @@ def _time(fn: Any, runs: int, warmup: int = 10) -> list[float]:
 def _torch_model(version_dir: Path, work: Path) -> Any:
     """The version's best.pth in torch, on a dataset rebuilt from its config.yaml."""
     from core.config import load_config
-    from core.modeling.dataset import build_dataset, load_recbole_data
     from core.data.extract import extract
+    from core.modeling.dataset import build_dataset, load_recbole_data
     from core.modeling.training import load_trained
 
     config = load_config(version_dir / "config.yaml", {"training.device": "cpu"})
@@ -172,8 +172,8 @@ def bench_scorer(version_dir: Path, threads: int, runs: int, work: Path) -> dict
             expected = wrapper(*tensors).numpy()
             diff = float(np.max(np.abs(expected - scorer.run_batch(feed))))
             n = runs if batch == 1 else max(runs // 4, 20)
-            onnx_ms = _time(lambda: scorer.run_batch(feed), n)
-            torch_ms = _time(lambda: wrapper(*tensors), n)
+            onnx_ms = _time(lambda feed=feed: scorer.run_batch(feed), n)
+            torch_ms = _time(lambda tensors=tensors: wrapper(*tensors), n)
         o, t = _percentiles(onnx_ms), _percentiles(torch_ms)
         out[f"batch{batch}"] = {"onnxruntime": o, "torch_eager": t, "max_abs_diff": diff,
                                 "speedup_p50": round(t["p50_ms"] / o["p50_ms"], 2),
@@ -274,7 +274,7 @@ def _cpu_seconds(proc: Any) -> tuple[float, float]:
                     loop += t.user_time + t.system_time
                 else:
                     other += t.user_time + t.system_time
-        except Exception:  # noqa: BLE001 - a worker that exited
+        except Exception:
             pass
     return loop, other
 

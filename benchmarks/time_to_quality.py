@@ -32,6 +32,7 @@ validation, from after the data is loaded. Files under ``--work`` (default ``ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -55,6 +56,14 @@ BARE_BATCH = 1024  # benchmarks/bare_recbole.py's (RecBole's own default is 2048
 BARE_LR = 0.001  # RecBole's default
 BARE_STOPPING_STEP = 10  # RecBole's default
 BARE_EPOCH_CAP = 300  # RecBole's default
+# recflow's sides: name -> (training.objective, overrides on top of recflow's defaults).
+# "patience10" gives recflow bare RecBole's stopping rule (10 epochs without a new best, ties count).
+RECFLOW_SIDES: dict[str, tuple[str, dict[str, Any]]] = {
+    "all_positions": ("all_positions", {}),
+    "all_positions_patience10": ("all_positions", {"training.early_stopping_patience": BARE_STOPPING_STEP,
+                                                   "training.early_stopping_min_gain": 0.0}),
+    "last_item": ("last_item", {}),
+}
 TERMINAL = ("early stopping", "epoch cap")  # a bare run that stopped so is finished; a CPU budget is not
 
 
@@ -171,8 +180,8 @@ def prepare(work: Path) -> None:
     p = _paths(work)
     c0, t0 = time.process_time(), time.perf_counter()
     from core.config import load_config
-    from core.modeling.dataset import build_dataset, load_recbole_data
     from core.data.extract import extract
+    from core.modeling.dataset import build_dataset, load_recbole_data
 
     cfg = load_config(None, {"runs_dir": work / "runs", "training.threads": 1})
     p["data"].mkdir(parents=True, exist_ok=True)
@@ -267,9 +276,9 @@ def run_bare(work: Path, threads: int, budget_minutes: float, epoch_cap: int) ->
     import torch
 
     torch.set_num_threads(threads)
-    import numpy as np
     import random
 
+    import numpy as np
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.data.dataset import Dataset
@@ -430,10 +439,8 @@ def run_bare(work: Path, threads: int, budget_minutes: float, epoch_cap: int) ->
 
     c_fit, t_fit = time.process_time(), time.perf_counter()
     last = {"busy": _busy_cpu_seconds(), "cpu": c_fit, "wall": t_fit}
-    try:
+    with contextlib.suppress(_BudgetReached):
         trainer.fit(train_data, valid_data, verbose=True, saved=True, show_progress=False, callback_fn=callback)
-    except _BudgetReached:
-        pass
     print(f"[ttq bare] stopped: {stop_reason[0]} after {len(records)} epochs", flush=True)
 
 
@@ -468,26 +475,27 @@ def _write_bare_status(p: dict[str, Path], records: list[dict[str, Any]], reason
 # ---------------------------------------------------------------------------------------
 
 
-def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, max_minutes: float | None) -> None:
-    """recflow's defaults (plus ``objective``), one thread; test metrics of every epoch from latest.pth."""
+def run_recflow(work: Path, side: str, threads: int, epochs: int | None, max_minutes: float | None) -> None:
+    """recflow's defaults plus the side's overrides, one thread; test metrics of every epoch from latest.pth."""
+    objective, side_overrides = RECFLOW_SIDES[side]
     p = _paths(work)
-    c_start, t_start = time.process_time(), time.perf_counter()
+    c_start = time.process_time()
     import torch
 
     torch.set_num_threads(threads)
-    from core.modeling import recbole_adapter as rb
     from core.config import load_config
+    from core.modeling import recbole_adapter as rb
     from core.modeling.dataset import load_recbole_data
     from core.modeling.evaluation import ranking_metrics, seen_masked_metrics
-    from core.records import DatasetSplits
     from core.modeling.runtime import rng_state, set_rng_state
     from core.modeling.training import build_model, load_trained, make_trainer, train
+    from core.records import DatasetSplits
 
-    run_dir = work / "recflow" / objective
+    run_dir = work / "recflow" / side
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: a resumed one would not measure time to quality
     run_dir.mkdir(parents=True)
     overrides: dict[str, Any] = {"runs_dir": work / "recflow", "training.threads": threads,
-                                 "training.objective": objective}
+                                 "training.objective": objective, **side_overrides}
     if epochs:
         overrides["training.epochs"] = epochs
     cfg = load_config(None, overrides)
@@ -496,6 +504,8 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
     splits = DatasetSplits.model_validate_json(p["splits"].read_text())
     checkpoints = run_dir / "checkpoints"
     data = load_recbole_data(cfg, splits, checkpoints)  # passed to train() below
+    if side == "all_positions":  # the config diff in the report compares bare with the defaults as trained
+        _write_json(p["recflow_config"], _effective_config(data.config))
     c_data, t_data = time.process_time(), time.perf_counter()
     # The split this process trains on must be the one --prepare recorded (the code may have changed since).
     split_same = _split_cases(data.valid, data.test) == json.loads(p["recflow_split"].read_text())
@@ -537,7 +547,7 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
         })
         last.update(busy=busy, cpu=c_cb, wall=t_cb)
         r = records[-1]
-        print(f"[ttq recflow {objective}] epoch {r['epoch']}: valid NDCG@10 {r['valid_ndcg@10']:.4f}  test NDCG@10 "
+        print(f"[ttq recflow {side}] epoch {r['epoch']}: valid NDCG@10 {r['valid_ndcg@10']:.4f}  test NDCG@10 "
               f"{r['test_ndcg@10']:.4f}  epoch CPU {r['epoch_cpu_s']:.1f} s  cumulative CPU {cum_cpu:.1f} s", flush=True)
         overhead["cpu"] += time.process_time() - c_cb
         overhead["wall"] += time.perf_counter() - t_cb
@@ -552,7 +562,7 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
         print(f"warning: epoch {trained.best_epoch}'s test NDCG@10 from latest.pth ({at_best['test_ndcg@10']}) "
               f"differs from best.pth's ({test['ndcg@10']})", flush=True)
     rc = data.config
-    _write_json(work / f"recflow_{objective}.json", {
+    _write_json(work / f"recflow_{side}.json", {
         "objective": trained.objective,
         "loss": trained.loss,
         "stop_reason": trained.stop_reason,
@@ -569,6 +579,7 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
             "training.epochs": cfg.training.epochs,
             "training.max_minutes": cfg.training.max_minutes,
             "training.early_stopping_patience": cfg.training.early_stopping_patience,
+            "training.early_stopping_min_gain": cfg.training.early_stopping_min_gain,
             "training.window_stride": cfg.training.window_stride,
             "train_batch_size": trained.train_batch_size,
             "train_rows": trained.train_rows,
@@ -583,7 +594,7 @@ def run_recflow(work: Path, objective: str, threads: int, epochs: int | None, ma
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
-    print(f"[ttq recflow {objective}] {trained.stop_reason} after {len(records)} epochs; best epoch "
+    print(f"[ttq recflow {side}] {trained.stop_reason} after {len(records)} epochs; best epoch "
           f"{trained.best_epoch}, test NDCG@10 {test['ndcg@10']:.4f}", flush=True)
 
 
@@ -674,7 +685,7 @@ def report(work: Path) -> dict[str, Any]:
     bare_records = _read_jsonl(p["bare_epochs"])
     bare_status = json.loads(p["bare_status"].read_text()) if p["bare_status"].is_file() else {}
     recflow = {obj: json.loads((work / f"recflow_{obj}.json").read_text())
-               for obj in ("all_positions", "last_item") if (work / f"recflow_{obj}.json").is_file()}
+               for obj in RECFLOW_SIDES if (work / f"recflow_{obj}.json").is_file()}
     split = compare_splits(work)
     cfg_diff = config_diff(work)
     bare = summarize_curve(bare_records)
@@ -685,7 +696,7 @@ def report(work: Path) -> dict[str, Any]:
         sides[f"recflow_{obj}"] = {"summary": summarize_curve(res["epochs"]), "result": res}
     reach: dict[str, Any] = {}
     if target is not None:
-        for name, side in sides.items():
+        for name in sides:
             recs = bare_records if name == "bare" else recflow[name.removeprefix("recflow_")]["epochs"]
             reach[name] = time_to(recs, target)
     ratios: dict[str, Any] = {}
@@ -702,7 +713,8 @@ def report(work: Path) -> dict[str, Any]:
 
     # ---- the table
     names = list(sides)
-    heads = {"bare": "bare RecBole", "recflow_all_positions": "recflow all_pos", "recflow_last_item": "recflow last_item"}
+    heads = {"bare": "bare RecBole", "recflow_all_positions": "recflow all_pos",
+             "recflow_all_positions_patience10": "all_pos patience 10", "recflow_last_item": "recflow last_item"}
     rows: list[tuple[str, list[str]]] = []
 
     def row(label: str, fn: Any) -> None:
@@ -715,7 +727,7 @@ def report(work: Path) -> dict[str, Any]:
             cells.append("-" if v is None else str(v))
         rows.append((label, cells))
 
-    summ = lambda n: sides[n]["summary"]  # noqa: E731
+    summ = lambda n: sides[n]["summary"]
     row("epochs trained", lambda n: summ(n)["epochs"])
     row("stopped by", lambda n: (bare_status.get("stop_reason") or "still running") if n == "bare"
         else sides[n]["result"]["stop_reason"])
@@ -826,7 +838,7 @@ def main() -> None:
                         help="training.max_minutes for recflow (default: recflow's default; 0: no wall-time budget)")
     parser.add_argument("--report-only", action="store_true", help="print the table from the saved results only")
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recflow-side", choices=["all_positions", "last_item"], help=argparse.SUPPRESS)
+    parser.add_argument("--recflow-side", choices=list(RECFLOW_SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--recflow-epochs", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work = work = args.work.resolve()
@@ -847,7 +859,8 @@ def main() -> None:
                   flush=True)
             _run_child(args, ["--bare-only", "--bare-budget-minutes", str(args.bare_budget_minutes),
                               "--bare-epochs", str(args.bare_epochs)], log, tunables=False)
-        sides = [("all_positions", None)] + ([("last_item", args.last_item_epochs)] if args.last_item_epochs > 0 else [])
+        sides = [("all_positions", None), ("all_positions_patience10", None)] + (
+            [("last_item", args.last_item_epochs)] if args.last_item_epochs > 0 else [])
         for objective, epochs in sides:
             if (work / f"recflow_{objective}.json").is_file() and not args.rerun_recflow:
                 print(f"recflow {objective}: reusing {work / f'recflow_{objective}.json'} (--rerun-recflow to retrain)")

@@ -64,9 +64,9 @@ def run_recflow_side(preset: Path, epochs: int, threads: int | None, work: Path)
     import torch
 
     from core.config import load_config
+    from core.data.extract import extract
     from core.modeling.dataset import _has_rating_column, build_dataset, load_recbole_data, recbole_config_dict
     from core.modeling.trainer_mixin import RecflowTrainerMixin
-    from core.data.extract import extract
     from core.modeling.training import train
 
     # Measurement only: the process's CPU time per epoch, as fit_bare records it on the bare side.
@@ -302,9 +302,8 @@ def parent_main(args: argparse.Namespace) -> None:
             if proc.get("other_processes_cpu_seconds") is not None and proc.get("wall_seconds"):
                 shares.append(proc["other_processes_cpu_seconds"] / (proc["wall_seconds"] * cpus))
     contended = max(shares, default=0.0)
-    import torch
-
     import recbole
+    import torch
 
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,

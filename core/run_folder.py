@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -14,7 +14,7 @@ def new_run_dir(runs_dir: Path, key: str | None = None) -> Path:
         run_dir = runs_dir / key
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir.resolve()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = runs_dir / f"{stamp}-{secrets.token_hex(3)}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir.resolve()

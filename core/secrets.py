@@ -51,7 +51,7 @@ def env_or_block(
         )
     try:
         loaded = secret_loader(block)
-    except Exception as exc:  # noqa: BLE001 - any loader failure means: no usable secret
+    except Exception as exc:
         raise error(
             f"cannot read {what} from {origin} ({type(exc).__name__}); check that the block exists, or set {env}"
         ) from None

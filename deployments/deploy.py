@@ -31,7 +31,6 @@ from uuid import UUID
 from core.config import load_config
 from core.errors import DeploymentError  # defined in core.errors; importable from here as before
 
-FLOW_NAME = "training-pipeline"
 ENTRYPOINT = "flows/training_pipeline.py:training_pipeline"  # from a checkout (file path)
 MODULE_ENTRYPOINT = "flows.training_pipeline.training_pipeline"  # from an installed package
 DEFAULT_POOL = "gpu"

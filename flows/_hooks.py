@@ -11,8 +11,8 @@ from typing import Any
 
 from core.config import NotifyConfig, PipelineConfig
 from core.errors import PipelineFailed
-from core.release.notify import Outcome, notify
 from core.records import PipelineResult
+from core.release.notify import Outcome, notify
 from tasks._common import load_prefect_secret
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def _config(flow_run: Any) -> PipelineConfig | None:
         return raw
     try:
         return PipelineConfig.model_validate(raw or {})
-    except Exception:  # noqa: BLE001 - invalid parameters are what failed the run; notify with defaults
+    except Exception:
         return None
 
 
@@ -42,7 +42,7 @@ def _run_logger(flow: Any, flow_run: Any) -> Any:
         from prefect.logging.loggers import flow_run_logger
 
         return flow_run_logger(flow_run, flow)
-    except Exception:  # noqa: BLE001 - fall back to the module logger
+    except Exception:
         return log
 
 
@@ -52,7 +52,7 @@ def _send(flow: Any, flow_run: Any, build: Any) -> None:
         config = _config(flow_run)
         outcome: Outcome = build(config)
         notify(outcome, config.notify if config else NotifyConfig(), secret_loader=load_prefect_secret, logger=logger)
-    except Exception as exc:  # noqa: BLE001 - a hook bug must not turn a finished run into a failure
+    except Exception as exc:
         logger.warning("notification hook failed (%s: %s)", type(exc).__name__, exc)
 
 

@@ -14,9 +14,9 @@ With ``shipping.enabled`` a promoted version is then shipped to the production h
 
 from __future__ import annotations
 
-import flows  # noqa: F401  (Prefect environment defaults)
 from prefect import flow
 
+import flows  # noqa: F401  (Prefect environment defaults)
 from core.config import PipelineConfig
 from core.records import PipelineResult
 from flows._hooks import notify_on_completion, notify_on_failure

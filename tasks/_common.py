@@ -14,7 +14,7 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except RecflowError:
         return False
-    except Exception:  # noqa: BLE001 - anything else may be transient (I/O, network)
+    except Exception:
         return True
     return False
 

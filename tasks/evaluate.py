@@ -9,9 +9,9 @@ from prefect.cache_policies import NO_CACHE
 from core.config import PipelineConfig
 from core.modeling.dataset import RecBoleData
 from core.modeling.evaluation import BASELINE_NAMES, evaluate, metrics_table
+from core.modeling.tracking import log_final_metrics
 from core.records import DatasetSplits, Evaluation, GateDecision, TrainedModel
 from core.release.registry import Registry
-from core.modeling.tracking import log_final_metrics
 from tasks._common import artifact_key
 
 

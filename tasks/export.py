@@ -8,8 +8,8 @@ from prefect.cache_policies import NO_CACHE
 from core.config import PipelineConfig
 from core.modeling.dataset import RecBoleData
 from core.modeling.export import export_model
-from core.release.model_card import build_card, write_card
 from core.records import DatasetSplits, Evaluation, ExportedModel, Snapshot, TrainedModel
+from core.release.model_card import build_card, write_card
 
 
 @task(name="export", cache_policy=NO_CACHE)

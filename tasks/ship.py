@@ -23,7 +23,7 @@ def retry_on_connection_error(task: Any, task_run: Any, state: Any) -> bool:
         return True
     except RecflowError:
         return False
-    except Exception:  # noqa: BLE001 - anything else may be transient (I/O, network)
+    except Exception:
         return True
     return False
 

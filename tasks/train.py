@@ -13,10 +13,10 @@ from core.modeling.dataset import RecBoleData
 from core.modeling.tracking import TRAINING_CURVE
 from core.modeling.training import train
 from core.records import DatasetSplits, EpochStats, TrainedModel
+from tasks._common import artifact_key, retry_unless_user_error
 
 # A larger PNG is linked by path rather than embedded (artifacts are stored in Prefect's database).
 MAX_EMBEDDED_PNG = 200_000
-from tasks._common import artifact_key, retry_unless_user_error
 
 
 # A retry (e.g. after a worker hiccup) resumes from checkpoints/latest.pth in the same run folder.

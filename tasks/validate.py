@@ -8,9 +8,9 @@ from prefect.cache_policies import NO_CACHE
 
 from core.config import PipelineConfig
 from core.data.extract import drift_baseline
+from core.data.validation import raise_for_failures, report_markdown, validate_snapshot
 from core.records import Snapshot, ValidationReport
 from core.release.registry import Registry
-from core.data.validation import raise_for_failures, report_markdown, validate_snapshot
 from tasks._common import artifact_key
 
 

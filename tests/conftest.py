@@ -24,11 +24,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
-import pytest  # noqa: E402
-from recflow_testdata import DATA_FILE, Interaction, TinyRun, make_interactions, tiny_config, write_csv  # noqa: E402
+import pytest
+from recflow_testdata import DATA_FILE, Interaction, TinyRun, make_interactions, tiny_config, write_csv
 
-from core.records import EpochStats  # noqa: E402
-
+from core.records import EpochStats
 
 # Fixtures that start a service (PostgreSQL, sshd, a Prefect server and worker).
 SERVICE_FIXTURES = frozenset({"prefect_harness", "pg_cluster", "sshd", "ship_settings", "stack"})
@@ -76,8 +75,8 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory, tiny_rows: list[Interacti
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path) -> TinyRun:
     """One tiny SASRec trained on the tiny CSV (about 2 s), shared by many tests."""
-    from core.modeling.dataset import build_recbole_data
     from core.data.extract import extract
+    from core.modeling.dataset import build_recbole_data
     from core.modeling.training import train
 
     root = tmp_path_factory.mktemp("tiny-run")

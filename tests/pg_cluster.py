@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -231,7 +231,7 @@ TOPICS = {
     "geometry": ["triangles", "circles"],
     "statistics": ["probability", "distributions", None],
 }
-BASE_TIME = datetime(2024, 3, 1, tzinfo=timezone.utc)
+BASE_TIME = datetime(2024, 3, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -299,8 +299,8 @@ def insert_attempts(pg: PgCluster, rows: list[Attempt], table: str = "question_a
         "user_id", "question_id", "created_at", "is_correct",
         "response_time_seconds", "difficulty_level", "topic", "subtopic",
     )  # fmt: skip
-    with pg.connect() as conn, conn.cursor() as cur:
-        with cur.copy(f'COPY "{table}" ({", ".join(cols)}) FROM STDIN') as copy:
+    with pg.connect() as conn, conn.cursor() as cur, \
+            cur.copy(f'COPY "{table}" ({", ".join(cols)}) FROM STDIN') as copy:
             for r in rows:
                 copy.write_row([getattr(r, c) for c in cols])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import random
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ DATA_FILE = "interactions.csv"
 TINY_MODEL_PARAMS = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1}
 
 _OFFSETS = (
-    timezone.utc,
+    UTC,
     timezone(timedelta(hours=2)),
     timezone(timedelta(hours=-5)),
     timezone(timedelta(hours=5, minutes=30)),
@@ -52,7 +52,7 @@ def make_interactions(
 ) -> list[Interaction]:
     """Sequentially structured interactions, returned in random order."""
     rng = random.Random(seed)
-    base = datetime(2023, 1, 1, tzinfo=timezone.utc)
+    base = datetime(2023, 1, 1, tzinfo=UTC)
     rows: list[Interaction] = []
     for u in range(n_users):
         t = base + timedelta(hours=u)

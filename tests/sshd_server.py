@@ -191,7 +191,7 @@ class SshServer:
             self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "SshServer":
+    def __enter__(self) -> SshServer:
         return self
 
     def __exit__(self, *exc: object) -> None:

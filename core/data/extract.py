@@ -11,11 +11,11 @@ from typing import Any
 import polars as pl
 
 from core.config import PipelineConfig
-from core.errors import DataSourceError
-from core.records import ITEM, RATING, TIME, USER, Snapshot
 from core.data.privacy import pseudonymize_ids, resolve_key
 from core.data.snapshot_store import SnapshotStore, source_key
 from core.data.sources import make_source
+from core.errors import DataSourceError
+from core.records import ITEM, RATING, TIME, USER, Snapshot
 
 SNAPSHOT_FILE = "snapshot.parquet"
 

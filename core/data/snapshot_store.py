@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class SnapshotStore:
         os.replace(tmp, self.data_path)
         state = self.state()
         history = state.get("history", [])[-99:]
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         history.append({"at": now, "rows": rows, "added": added})
         new_state = {
             "source": source,

@@ -51,7 +51,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -59,16 +59,16 @@ from typing import Any, Literal
 # Must be set before GX is imported: recflow never sends usage statistics.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
-import great_expectations as gx  # noqa: E402
-import pandas as pd  # noqa: E402
-import polars as pl  # noqa: E402
-from great_expectations.core.expectation_validation_result import ExpectationValidationResult  # noqa: E402
-from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
-from great_expectations.exceptions import GreatExpectationsError  # noqa: E402
+import great_expectations as gx
+import pandas as pd
+import polars as pl
+from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.exceptions import GreatExpectationsError
 
-from core.config import QUESTION_ATTEMPTS_COLUMNS, PipelineConfig  # noqa: E402
-from core.errors import ConfigError, DataSourceError, DataValidationError  # noqa: E402
-from core.records import ITEM, RATING, TIME, USER, CheckResult, Snapshot, ValidationReport  # noqa: E402
+from core.config import QUESTION_ATTEMPTS_COLUMNS, PipelineConfig
+from core.errors import ConfigError, DataSourceError, DataValidationError
+from core.records import ITEM, RATING, TIME, USER, CheckResult, Snapshot, ValidationReport
 
 # Package data (the ``expectations`` package): the checkout's folder, or its copy in an installed recflow.
 SUITES_DIR = Path(str(resources.files("expectations")))
@@ -574,7 +574,7 @@ def _ids_recbole_reads_as_missing(frame: pl.DataFrame) -> CheckResult:
 
 def _not_in_future(frame: pl.DataFrame, tolerance_hours: float) -> CheckResult:
     dtype = frame.schema[TIME]
-    limit = datetime.now(timezone.utc) + timedelta(hours=tolerance_hours)
+    limit = datetime.now(UTC) + timedelta(hours=tolerance_hours)
     times = frame.get_column(TIME).drop_nulls()
     if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
         bound = pl.lit(limit.replace(tzinfo=None), dtype=pl.Datetime(dtype.time_unit))

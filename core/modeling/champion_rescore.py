@@ -95,7 +95,7 @@ class _OnnxChampion(torch.nn.Module):
         options.intra_op_num_threads = max(torch.get_num_threads(), 1)
         self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         # RecBole's trainer builds an optimizer over the model's parameters: give it one.
-        self._unused = torch.nn.Parameter(torch.zeros(1))
+        self._optimizer_placeholder = torch.nn.Parameter(torch.zeros(1))
 
     def _sequential_feed(self, interaction: Any) -> dict[str, np.ndarray]:
         seq = interaction[self.item_seq_field].cpu().numpy()

@@ -168,7 +168,7 @@ def install_fast_paths() -> None:
     if ORIGINALS:
         return
     replacements = globals()
-    for cls, attr, key, name in _TARGETS:
+    for cls, attr, key, _name in _TARGETS:
         ORIGINALS[key] = cls.__dict__[attr]
     for cls, attr, _key, name in _TARGETS:
         setattr(cls, attr, replacements[name])

@@ -170,7 +170,7 @@ class GpuSampler:
         self._thread: threading.Thread | None = None
         self._t0 = time.perf_counter()
 
-    def start(self) -> "GpuSampler":
+    def start(self) -> GpuSampler:
         new = not self.path.exists()
         self._fh = self.path.open("a", newline="")
         self._writer = csv.writer(self._fh)

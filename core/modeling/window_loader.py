@@ -70,7 +70,7 @@ class WindowLoader:
 
     @classmethod
     def build(cls, config: Any, train_dataset: Any, stride: int, *, seed: int,
-              mask: tuple[float, int, float] | None = None) -> "WindowLoader":
+              mask: tuple[float, int, float] | None = None) -> WindowLoader:
         masked = mask is not None
         start = time.perf_counter()
         windows = windows_from_train_split(train_dataset, int(config["MAX_ITEM_LIST_LENGTH"]), stride, masked=masked)

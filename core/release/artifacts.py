@@ -286,7 +286,7 @@ class VersionReader:
         self.checksums = checksums
 
     @classmethod
-    def open(cls, version_dir: Path, *, allow_unverified: bool = False) -> "VersionReader":
+    def open(cls, version_dir: Path, *, allow_unverified: bool = False) -> VersionReader:
         return cls(version_dir, read_checksums(version_dir, allow_unverified=allow_unverified))
 
     def has(self, name: str) -> bool:

@@ -16,7 +16,7 @@ import json
 import os
 import secrets
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class Registry:
 
     @staticmethod
     def new_version() -> str:
-        return datetime.now(timezone.utc).strftime("v%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        return datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
     def publish(
         self,
@@ -99,7 +99,7 @@ class Registry:
         try:
             for f in files:
                 shutil.copy2(f, staging / f.name)
-            card = {**card, "version": version, "registered_at": datetime.now(timezone.utc).isoformat()}
+            card = {**card, "version": version, "registered_at": datetime.now(UTC).isoformat()}
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
             # Written last, inside staging: a version is never visible without its checksums.
             write_checksums(staging)

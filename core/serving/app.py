@@ -21,6 +21,7 @@ batches concurrent requests, and the response is serialised with orjson.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -30,7 +31,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ def load_version(
         scorer = OnnxScorer(version_dir, checksums=checksums, intra_op_threads=intra_op_threads)
     except RecflowError:
         raise
-    except Exception as exc:  # noqa: BLE001 - onnxruntime/json raise their own types for a bad file
+    except Exception as exc:
         raise ServingError(f"cannot load {name}/{version}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
     if max_history is None:
         max_history = HISTORY_PER_SEQ * scorer.max_seq_length if scorer.sequential else USER_MODEL_MAX_HISTORY
@@ -156,7 +157,7 @@ def load_version(
         name=name,
         version=version,
         scorer=scorer,
-        loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         max_history=max_history,
         k_max=max(1, min(scorer.n_items, K_CAP)),
     )
@@ -236,7 +237,7 @@ class ChampionWatcher:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.check_once()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any surprise
+            except Exception:
                 log.exception("champion watcher failed; still serving %s", self.current.version)
 
     def start(self) -> None:
@@ -403,15 +404,13 @@ class _Batcher:
                 else:
                     scores = scorer.scores_for_users([job.key for job, _ in group])
                 results = [(_payload(job, scores[row]), True) for row, (job, _) in enumerate(group)]
-            except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers 500
+            except Exception as exc:
                 results = [(exc, False)] * len(group)
             for (_, future), (value, ok) in zip(group, results):
                 done.setdefault(future.get_loop(), []).append((future, value, ok))
         for loop, items in done.items():  # one wake-up per event loop, not one per request
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop has closed (server shutting down)
                 loop.call_soon_threadsafe(_resolve, items)
-            except RuntimeError:  # that loop has closed (server shutting down)
-                pass
 
 
 def _resolve(items: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:

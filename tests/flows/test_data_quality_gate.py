@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -14,9 +14,9 @@ import pytest
 from recflow_testdata import tiny_overrides
 
 from core.config import QUESTION_ATTEMPTS_COLUMNS, load_config
+from core.data.sources.synthetic import generate_question_attempts
 from core.errors import PipelineFailed
 from core.release.registry import CHAMPION, Registry
-from core.data.sources.synthetic import generate_question_attempts
 
 Breaker = Callable[[pl.DataFrame], pl.DataFrame]
 
@@ -64,7 +64,7 @@ BROKEN: dict[str, tuple[Breaker, str]] = {
     "timestamps in the future": (
         lambda f: f.with_columns(
             pl.when(_row_ids(f.height, 17))
-            .then(pl.lit(datetime.now(timezone.utc) + timedelta(days=30)))
+            .then(pl.lit(datetime.now(UTC) + timedelta(days=30)))
             .otherwise(pl.col("created_at"))
             .alias("created_at")
         ),

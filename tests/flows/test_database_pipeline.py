@@ -37,8 +37,8 @@ def _create_table(pg: PgCluster, table: str) -> None:
 
 
 def _insert(pg: PgCluster, table: str, frame: pl.DataFrame) -> None:
-    with pg.connect() as conn, conn.cursor() as cur:
-        with cur.copy(f'COPY "{table}" ({", ".join(COLUMNS)}) FROM STDIN') as copy:
+    with pg.connect() as conn, conn.cursor() as cur, \
+            cur.copy(f'COPY "{table}" ({", ".join(COLUMNS)}) FROM STDIN') as copy:
             for row in frame.select(COLUMNS).iter_rows():
                 copy.write_row(list(row))
 

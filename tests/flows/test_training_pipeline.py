@@ -11,8 +11,8 @@ from recflow_testdata import DATA_FILE, Interaction, tiny_config, write_csv
 
 from core.config import PipelineConfig
 from core.errors import PipelineFailed
-from core.release.registry import CHAMPION, Registry
 from core.records import PipelineResult
+from core.release.registry import CHAMPION, Registry
 from core.serving.scorer import OnnxScorer
 from flows.training_pipeline import training_pipeline
 
@@ -79,7 +79,7 @@ def test_registered_version_is_complete_and_servable(env: FlowEnv, first: Pipeli
     assert card is not None
     assert card["version"] == first.model_version
     assert card["model"] == "SASRec" and card["registry_name"] == REGISTRY_NAME
-    assert card["data"]["rows"] == sum(1 for _ in open(env.config.source.path)) - 1
+    assert card["data"]["rows"] == len(Path(env.config.source.path).read_text().splitlines()) - 1
     assert card["data"]["users"] == 80
     assert card["data"]["eval_protocol"] == "loo|min_user=5|min_item=1"
     assert card["metrics"]["test"] == first.metrics["test"]

@@ -134,8 +134,8 @@ def test_a_graph_that_runs_only_at_its_trace_batch_is_not_exported(
     """Without its by-design reason, ItemKNN traces (numpy scores frozen for the 2-row example) into a
     graph onnxruntime cannot run on the parity batch: export says so instead of failing the run."""
     import core.modeling.export as export
-    from core.modeling.dataset import build_dataset
     from core.data.extract import extract
+    from core.modeling.dataset import build_dataset
     from core.modeling.training import train
 
     config = load_config(REPO / "configs" / "ml-100k-itemknn.yaml", tiny_overrides(tmp_path, rating_csv)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 import polars as pl
@@ -77,7 +77,7 @@ def in_window(frame: pl.LazyFrame, since: datetime | None, until: datetime | Non
 
 
 def _aware(t: datetime) -> datetime:
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _to_utc(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:

@@ -8,8 +8,8 @@ from pathlib import Path
 import polars as pl
 
 from core.config import QUESTION_ATTEMPTS_COLUMNS, ColumnsConfig, SourceConfig
-from core.errors import DataSourceError
 from core.data.sources.base import canonicalise_columns, in_window
+from core.errors import DataSourceError
 
 _PARQUET_MAGIC = b"PAR1"
 

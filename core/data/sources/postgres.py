@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timezone
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import polars as pl
 from polars.io.plugins import register_io_source
 
 from core.config import ColumnsConfig, SourceConfig
-from core.errors import DataSourceError
 from core.data.sources.base import canonicalise_columns, in_window
+from core.errors import DataSourceError
 from core.secrets import SecretLoader, env_or_block
 
 CONNECT_TIMEOUT_S = 15
@@ -280,7 +280,7 @@ def _cast_for(pg_type: str) -> str | None:
 
 
 def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 # -- DSN handling ------------------------------------------------------------------------------

@@ -21,15 +21,15 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import polars as pl
 
 from core.config import ColumnsConfig, SourceConfig
-from core.errors import DataSourceError
 from core.data.sources.base import canonicalise_columns, in_window
+from core.errors import DataSourceError
 from core.secrets import SecretLoader, env_or_block
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def _select_item(column: str) -> str:
 
 
 def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _scrub(text: str, key: str) -> str:

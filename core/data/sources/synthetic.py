@@ -38,7 +38,7 @@ table.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,8 +46,8 @@ import numpy as np
 import polars as pl
 
 from core.config import QUESTION_ATTEMPTS_COLUMNS, SourceConfig
-from core.errors import ConfigError
 from core.data.sources.base import canonicalise, in_window
+from core.errors import ConfigError
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "arithmetic": ("fractions", "decimals", "percentages", "ratios"),
@@ -60,7 +60,7 @@ MIN_ATTEMPTS, MAX_ATTEMPTS = 15, 60
 DEFAULT_QUESTIONS_PER_SUBTOPIC = 8
 DEFAULT_QUESTIONS = len(TOPICS) * 4 * DEFAULT_QUESTIONS_PER_SUBTOPIC  # 160
 DEFAULT_ATTEMPTS_PER_USER = (MIN_ATTEMPTS + MAX_ATTEMPTS) / 2  # 37.5
-DEFAULT_START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
 EXTRA_COLUMNS = tuple(QUESTION_ATTEMPTS_COLUMNS["extra"])
 SCHEMA = pl.Schema(
     {
@@ -267,8 +267,8 @@ def _uuid4_strings(rng: np.random.Generator, count: int) -> pl.Series:
 
 
 def _epoch_us(t: datetime) -> int:
-    aware = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
-    delta = aware - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    aware = t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    delta = aware - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * _US + delta.microseconds
 
 

@@ -52,7 +52,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,6 @@ CHAMPION = CHAMPION_LINK
 MANIFEST_FILE = SHIP_MANIFEST_FILE
 HISTORY_FILE = "champion_history.json"
 INCOMING_PREFIX = ".incoming-"
-LOCAL_CHECKSUMS_FILE = CHECKSUMS_FILE  # written by core.release.artifacts.write_checksums
 HISTORY_LIMIT = 200
 # sha256sum of a large model on a slow disk can take a while; a dead connection fails sooner.
 EXEC_TIMEOUT_S = 600.0
@@ -272,7 +271,7 @@ def _connect(settings: ShippingConfig, pkey: paramiko.PKey) -> paramiko.SSHClien
             f"{username}@{host}:{settings.port} refused the SSH key ({_fingerprint(pkey)}); add its public key "
             f"to ~{username}/.ssh/authorized_keys on the host, or set the right key"
         ) from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         client.close()
         raise ShippingConnectionError(
             f"timed out connecting to {host}:{settings.port} after {timeout:g}s (shipping.connect_timeout)"
@@ -429,7 +428,7 @@ def _classify(
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _remote_versions(remote: _Remote, model_dir: str) -> tuple[list[RemoteVersion], list[str]]:

@@ -11,8 +11,8 @@ import pytest
 from recflow_testdata import Interaction, tiny_config, write_csv, write_parquet
 
 from core.config import load_config
-from core.errors import DataSourceError
 from core.data.extract import SNAPSHOT_FILE, extract, frame_fingerprint
+from core.errors import DataSourceError
 from core.records import ITEM, TIME, USER, Snapshot
 
 

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 
 from core.config import PrivacyConfig
-from core.errors import ConfigError
 from core.data.privacy import pseudonym, pseudonymize_ids, resolve_key
+from core.errors import ConfigError
 
 KEY = b"0123456789abcdef0123456789abcdef"
 OTHER_KEY = b"fedcba9876543210fedcba9876543210"
@@ -25,7 +25,7 @@ def frame() -> pl.DataFrame:
 
 def test_known_answer_and_single_id_helper(frame: pl.DataFrame) -> None:
     out = pseudonymize_ids(frame, KEY)
-    expected = hmac.new(KEY, "alice".encode(), hashlib.sha256).hexdigest()[:32]
+    expected = hmac.new(KEY, b"alice", hashlib.sha256).hexdigest()[:32]
     assert out.get_column("user_id")[0] == expected
     assert pseudonym(KEY, "alice") == expected
     assert pseudonym(KEY.decode(), "ünïcode") == out.get_column("user_id")[6]

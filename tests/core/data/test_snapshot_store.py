@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from recflow_testdata import Interaction, make_interactions, tiny_config, write_csv
 
-from core.errors import DataSourceError
 from core.data.extract import commit_snapshot, drift_baseline, extract
 from core.data.snapshot_store import SnapshotStore, source_key
+from core.errors import DataSourceError
 
 
 def _split_by_time(rows: list[Interaction], fraction: float) -> tuple[list[Interaction], list[Interaction]]:

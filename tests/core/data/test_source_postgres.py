@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import traceback
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,14 +18,14 @@ from pg_cluster import QA_COLUMNS, Attempt, PgCluster, expected_frame, fill_ques
 from polars.testing import assert_frame_equal
 
 from core.config import PipelineConfig, load_config
-from core.errors import DataSourceError
-from core.records import ITEM, RATING, TIME, USER
 from core.data.sources import make_source
 from core.data.sources.postgres import PostgresSource
+from core.errors import DataSourceError
+from core.records import ITEM, RATING, TIME, USER
 
 pytest_plugins = ["pg_fixtures"]
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def _config(**overrides: object) -> PipelineConfig:

@@ -17,9 +17,9 @@ from polars.testing import assert_frame_equal
 from postgrest_standin import PostgrestStandIn, RecordedRequest
 
 from core.config import PipelineConfig, load_config
-from core.errors import DataSourceError
 from core.data.sources import make_source
 from core.data.sources.supabase import SupabaseSource
+from core.errors import DataSourceError
 
 pytest_plugins = ["pg_fixtures"]
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 import pytest
-
-from core.config import load_config
-from core.errors import DataSourceError
-from core.records import ITEM, TIME, USER
-from core.data.sources import FileSource, MovieLens100kSource, make_source
 from recflow_testdata import Interaction, write_csv, write_parquet
 
-UTC = timezone.utc
+from core.config import load_config
+from core.data.sources import FileSource, MovieLens100kSource, make_source
+from core.errors import DataSourceError
+from core.records import ITEM, TIME, USER
+
+UTC = UTC
 
 
 def _scan(path: Path, **overrides: object) -> pl.DataFrame:

@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,6 @@ import polars as pl
 import pytest
 
 from core.config import ColumnsConfig, SourceConfig, load_config
-from core.errors import ConfigError
-from core.records import ITEM, TIME, USER
 from core.data.sources import make_source
 from core.data.sources.file import FileSource
 from core.data.sources.synthetic import (
@@ -30,8 +28,10 @@ from core.data.sources.synthetic import (
     write_question_bank,
     write_synthetic,
 )
+from core.errors import ConfigError
+from core.records import ITEM, TIME, USER
 
-UTC = timezone.utc
+UTC = UTC
 REPO = Path(__file__).resolve().parents[3]
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 EXPECTED_SCHEMA = {

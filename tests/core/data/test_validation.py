@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -13,9 +13,7 @@ import polars as pl
 import pytest
 
 from core.config import PipelineConfig, load_config
-from core.errors import ConfigError, DataValidationError
 from core.data.extract import extract
-from core.records import ITEM, RATING, TIME, USER, CheckResult, Snapshot, ValidationReport
 from core.data.validation import (
     DEFAULT_SUITE,
     REPORT_FILE,
@@ -27,8 +25,10 @@ from core.data.validation import (
     select_suite,
     validate_snapshot,
 )
+from core.errors import ConfigError, DataValidationError
+from core.records import ITEM, RATING, TIME, USER, CheckResult, Snapshot, ValidationReport
 
-T0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2020, 1, 1, tzinfo=UTC)
 NOT_NULL = "expect_column_values_to_not_be_null"
 SPLIT_USERS = "enough users with >= 5 interactions for the split"
 
@@ -151,8 +151,8 @@ def test_zero_rows_fail_with_no_rows(tmp_path: Path, config: PipelineConfig) -> 
 
 def test_future_timestamps_fail(tmp_path: Path, config: PipelineConfig) -> None:
     rows = _rows()
-    rows[3][TIME] = datetime(2100, 1, 1, tzinfo=timezone.utc)
-    rows[4][TIME] = datetime.now(timezone.utc) + timedelta(hours=2)  # within the default 24 h tolerance
+    rows[3][TIME] = datetime(2100, 1, 1, tzinfo=UTC)
+    rows[4][TIME] = datetime.now(UTC) + timedelta(hours=2)  # within the default 24 h tolerance
     report = _validate(_frame(rows), tmp_path, config)
     check = _check(report, "timestamps not in the future (> 24 h ahead fails)")
     assert not check.success and check.severity == "error"
@@ -434,7 +434,7 @@ def test_duplicate_threshold_comes_from_config(tmp_path: Path) -> None:
 
 def test_future_tolerance_comes_from_config(tmp_path: Path) -> None:
     rows = _rows()
-    rows[5][TIME] = datetime.now(timezone.utc) + timedelta(hours=30)
+    rows[5][TIME] = datetime.now(UTC) + timedelta(hours=30)
     frame = _frame(rows)
     report = _validate(frame, tmp_path, _config(future_tolerance_hours=24))
     check = _check(report, "timestamps not in the future (> 24 h ahead fails)")
@@ -442,7 +442,7 @@ def test_future_tolerance_comes_from_config(tmp_path: Path) -> None:
     relaxed = _validate(frame, tmp_path, _config(future_tolerance_hours=48))
     assert _check(relaxed, "timestamps not in the future (> 48 h ahead fails)").success and relaxed.success
     soon = _rows()
-    soon[-1][TIME] = datetime.now(timezone.utc) + timedelta(minutes=40)
+    soon[-1][TIME] = datetime.now(UTC) + timedelta(minutes=40)
     tight = _validate(_frame(soon), tmp_path, _config(future_tolerance_hours=0.5))
     assert not _check(tight, "timestamps not in the future (> 0.5 h ahead fails)").success
 

@@ -22,18 +22,18 @@ import pytest
 import torch
 from recflow_testdata import TinyRun, tiny_config
 
+from core.config import PipelineConfig, load_config
+from core.data.extract import extract
+from core.errors import ConfigError, TrainingError
 from core.modeling import batch_finder
 from core.modeling import recbole_adapter as rb
-from core.config import PipelineConfig, load_config
 from core.modeling.dataset import RecBoleData, build_dataset, load_recbole_data
-from core.errors import ConfigError, TrainingError
 from core.modeling.evaluation import evaluate
-from core.data.extract import extract
-from core.release.model_card import build_card
-from core.records import AutoBatch, BatchProbe, DatasetSplits, ExportedModel, TrainedModel
-from core.modeling.tracking import AUTO_BATCH
 from core.modeling.runtime import rng_state
+from core.modeling.tracking import AUTO_BATCH
 from core.modeling.training import build_model, make_trainer, train
+from core.records import AutoBatch, BatchProbe, DatasetSplits, ExportedModel, TrainedModel
+from core.release.model_card import build_card
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -65,11 +65,11 @@ def inject_oom(model_name: str, threshold: int) -> Iterator[list[int]]:
             raise torch.OutOfMemoryError(f"CUDA out of memory ({len(interaction)} rows > {threshold} injected)")
         return original(self, interaction)
 
-    setattr(cls, "calculate_loss", wrapped)
+    cls.calculate_loss = wrapped
     try:
         yield seen
     finally:
-        setattr(cls, "calculate_loss", original)
+        cls.calculate_loss = original
 
 
 class FakeMemory:

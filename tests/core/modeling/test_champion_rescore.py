@@ -24,7 +24,7 @@ def champion_dir(tiny_run: TinyRun, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def _data(tiny_run: TinyRun):  # noqa: ANN202
+def _data(tiny_run: TinyRun):
     return load_recbole_data(tiny_run.config, tiny_run.splits, tiny_run.trained.checkpoint.parent)
 
 
@@ -74,8 +74,8 @@ def test_all_position_models_are_rescored_as_they_scored(
     """GRU4Rec and BERT4Rec trained on all positions export and re-score like SASRec."""
     from recflow_testdata import tiny_config
 
-    from core.modeling.dataset import build_dataset
     from core.data.extract import extract
+    from core.modeling.dataset import build_dataset
     from core.modeling.training import train
 
     config = tiny_config(tmp_path, tiny_csv, {"model.name": name, "model.params": params, "training.epochs": 3})

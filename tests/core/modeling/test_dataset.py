@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +10,9 @@ import pytest
 from recflow_testdata import N_USERS, Interaction, make_interactions, tiny_config, write_csv
 
 from core.config import load_config
-from core.modeling.dataset import build_dataset, eval_protocol, write_atomic_files
-from core.errors import DataValidationError, ModelNotFoundError
 from core.data.extract import extract
+from core.errors import DataValidationError, ModelNotFoundError
+from core.modeling.dataset import build_dataset, eval_protocol, write_atomic_files
 from core.records import DatasetSplits, Snapshot
 
 
@@ -29,7 +29,7 @@ def _build(tmp_path: Path, rows: list[Interaction], overrides: dict[str, Any] | 
 
 
 def _short_users(n_users: int, per_user: int, prefix: str = "s") -> list[Interaction]:
-    t0 = datetime(2022, 6, 1, tzinfo=timezone.utc)
+    t0 = datetime(2022, 6, 1, tzinfo=UTC)
     times = {(u, k): t0 + timedelta(hours=u * 10 + k) for u in range(n_users) for k in range(per_user)}
     return [Interaction(f"{prefix}{u}", f"i{k}", t, t.isoformat()) for (u, k), t in times.items()]
 
@@ -43,8 +43,8 @@ def test_eval_protocol_ids() -> None:
 
 def test_atomic_file_format(tmp_path: Path) -> None:
     rows = [
-        Interaction("u\t1", "i 1", datetime(2023, 1, 1, 0, 0, 1, 500000, tzinfo=timezone.utc), "x"),
-        Interaction("u\t1", "i\n2", datetime(2023, 1, 1, 0, 0, 2, tzinfo=timezone.utc), "x"),
+        Interaction("u\t1", "i 1", datetime(2023, 1, 1, 0, 0, 1, 500000, tzinfo=UTC), "x"),
+        Interaction("u\t1", "i\n2", datetime(2023, 1, 1, 0, 0, 2, tzinfo=UTC), "x"),
     ]
     snap = Snapshot(path=tmp_path / "s.parquet", source="t", rows=2, users=1, items=2, has_rating=False,
                     fingerprint="f")

@@ -3,7 +3,7 @@ and metrics as RecBole's own code (``recbole_fast_paths.ORIGINALS``), on tricky 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from logging import getLogger
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ def test_install_replaces_each_method_once_and_keeps_the_originals() -> None:
     assert len(fast_paths.ORIGINALS) == len(fast_paths.replaced_methods()) == 8
 
 
-T0 = datetime(2023, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2023, 1, 1, tzinfo=UTC)
 # Ids a CSV round trip can get wrong: separators, quotes, newlines, pandas' NA strings,
 # spaces, leading zeros, unicode, numbers in text.
 TRICKY = ["u\t1", 'say "hi"', "multi\nline", "NA", "null", "#N/A", " padded ", "007", "7", "ü-é", "1e3", "n/a x",
@@ -388,7 +388,7 @@ def _write_seq_inter(data_dir: Path, seed: int = 5) -> None:
     lines = ["user_id:token\titem_id:token\ttimestamp:float\trating:float\ttags:token_seq\tscores:float_seq"]
     rows = []
     for u, count in enumerate(lengths):
-        for k in range(count):
+        for _ in range(count):
             tags = " ".join(f"t{v}" for v in rng.integers(0, 6, rng.integers(1, 4)))
             scores = " ".join(f"{v:.2f}" for v in rng.random(rng.integers(1, 5)))
             rows.append(f"u{u}\ti{rng.integers(0, 11)}\t{int(rng.integers(0, 30)) * 10}\t{rng.integers(1, 6)}.5"

@@ -13,8 +13,8 @@ from recflow_testdata import TinyRun
 
 from core.modeling.dataset import load_recbole_data
 from core.modeling.evaluation import METRICS_FILE, comparable, decide, evaluate, metrics_table
-from core.records import Evaluation
 from core.modeling.training import load_trained
+from core.records import Evaluation
 
 METRIC_KEYS = {f"{m}@{k}" for m in ("recall", "mrr", "ndcg", "hit", "precision") for k in (5, 10, 20)}
 

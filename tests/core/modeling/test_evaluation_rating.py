@@ -16,8 +16,8 @@ import pytest
 from recflow_testdata import Interaction, tiny_config, write_rating_csv
 
 from core.config import PipelineConfig, load_config
-from core.modeling.dataset import RecBoleData, check_rating_setup, eval_protocol, load_recbole_data
 from core.errors import ConfigError, DataValidationError
+from core.modeling.dataset import RecBoleData, check_rating_setup, eval_protocol, load_recbole_data
 from core.modeling.evaluation import (
     _errors_to_metrics,
     _rating_predictions,
@@ -26,8 +26,8 @@ from core.modeling.evaluation import (
     mean_rating_baseline,
     metrics_table,
 )
-from core.records import Evaluation, TrainedModel
 from core.modeling.training import load_trained, make_trainer
+from core.records import Evaluation, TrainedModel
 
 RATING_OVERRIDES = {
     "model.name": "FM",
@@ -51,8 +51,8 @@ class RatingRun:
 
 @pytest.fixture(scope="module")
 def rating_run(tmp_path_factory: pytest.TempPathFactory, tiny_rows: list[Interaction]) -> RatingRun:
-    from core.modeling.dataset import build_dataset
     from core.data.extract import extract
+    from core.modeling.dataset import build_dataset
     from core.modeling.training import train
 
     root = tmp_path_factory.mktemp("rating")

@@ -12,13 +12,13 @@ import pytest
 import torch
 from recflow_testdata import N_ITEMS, TinyRun, tiny_config
 
-from core.modeling.dataset import build_dataset, load_recbole_data
-from core.errors import RegistryError
-from core.modeling.export import ITEM_VOCAB_FILE, MODEL_FILE, SIGNATURE_FILE, USER_VOCAB_FILE, export_model
 from core.data.extract import extract
+from core.errors import RegistryError
+from core.modeling.dataset import build_dataset, load_recbole_data
+from core.modeling.export import ITEM_VOCAB_FILE, MODEL_FILE, SIGNATURE_FILE, USER_VOCAB_FILE, export_model
+from core.modeling.training import load_trained, train
 from core.records import ExportedModel
 from core.serving.scorer import OnnxScorer, mask_scores, top_k
-from core.modeling.training import load_trained, train
 
 PAD = "[PAD]"
 
@@ -76,6 +76,22 @@ def test_signature_and_vocabularies(exported: tuple[ExportedModel, dict[str, Any
     assert sorted(items[1:]) == sorted(f"i{i}" for i in range(N_ITEMS))
     assert len(users) == 81
     assert exported[1]["n_items"] == N_ITEMS + 1
+
+
+def test_graph_matches_the_contracts_schema(exported: tuple[ExportedModel, dict[str, Any]], tiny_run: TinyRun) -> None:
+    """The exported graph's inputs and output have the names, dtypes and axes core.release.artifacts declares."""
+    from core.release import artifacts
+
+    session = ort.InferenceSession(str(tiny_run.run_dir / "export" / MODEL_FILE), providers=["CPUExecutionProvider"])
+    dtype = {"int64": "tensor(int64)", "float32": "tensor(float)"}
+    inputs = session.get_inputs()
+    assert [i.name for i in inputs] == list(artifacts.INPUTS[artifacts.SEQUENTIAL])
+    for i in inputs:
+        assert i.type == dtype[artifacts.INPUT_DTYPE]
+        assert len(i.shape) == len(artifacts.INPUT_SHAPES[i.name]) and i.shape[0] == artifacts.BATCH_AXIS
+    (out,) = session.get_outputs()
+    assert out.name == artifacts.SCORES_OUTPUT and out.type == dtype[artifacts.OUTPUT_DTYPE]
+    assert out.shape[0] == artifacts.BATCH_AXIS and len(out.shape) == len(artifacts.OUTPUT_SHAPE)
 
 
 def test_onnx_matches_torch_on_real_test_users(exported: tuple[ExportedModel, dict[str, Any]],

@@ -10,10 +10,17 @@ import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 from recflow_testdata import tiny_config
 
-from core.modeling.dataset import build_dataset, load_recbole_data
 from core.data.extract import extract
+from core.modeling.dataset import build_dataset, load_recbole_data
 from core.modeling.seq_objectives import (
-    INPUTS, LENGTHS, TARGETS, AllPositionLoss, _every_position, gbce, mask_items, target_share,
+    INPUTS,
+    LENGTHS,
+    TARGETS,
+    AllPositionLoss,
+    _every_position,
+    gbce,
+    mask_items,
+    target_share,
 )
 from core.modeling.training import build_model
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from recflow_testdata import tiny_config
 
-from core.modeling.dataset import build_dataset, load_recbole_data
 from core.data.extract import extract
+from core.modeling.dataset import build_dataset, load_recbole_data
 from core.modeling.sequence_windows import Sequences, cut_windows, item_windows, sequences_from_train_rows
 from core.modeling.window_loader import WindowLoader, windows_from_train_split
 

@@ -18,7 +18,7 @@ from core.records import EpochStats
 
 
 def _epochs(losses: list[float], scores: list[float]) -> list[EpochStats]:
-    return [EpochStats(epoch=i, train_loss=l, train_seconds=1.0, valid_score=s) for i, (l, s) in
+    return [EpochStats(epoch=i, train_loss=loss, train_seconds=1.0, valid_score=s) for i, (loss, s) in
             enumerate(zip(losses, scores))]
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from recflow_testdata import TinyRun, tiny_config
 
+from core.data.extract import extract
 from core.modeling import recbole_adapter as rb
 from core.modeling.dataset import build_dataset
-from core.data.extract import extract
-from core.records import EpochStats
 from core.modeling.training import BEST_CHECKPOINT, plateaued, train
+from core.records import EpochStats
 
 
 def test_trained_model_record(tiny_run: TinyRun) -> None:

@@ -20,14 +20,14 @@ import pytest
 import torch
 from recflow_testdata import TINY_MODEL_PARAMS, tiny_config
 
-from core.modeling import recbole_adapter as rb
 from core.config import PipelineConfig
-from core.modeling.dataset import build_dataset
-from core.errors import TrainingError
-from core.modeling.evaluation import evaluate
 from core.data.extract import extract
-from core.records import DatasetSplits, TrainedModel
+from core.errors import TrainingError
+from core.modeling import recbole_adapter as rb
+from core.modeling.dataset import build_dataset
+from core.modeling.evaluation import evaluate
 from core.modeling.training import LATEST_CHECKPOINT, train
+from core.records import DatasetSplits, TrainedModel
 
 NO_DROPOUT = TINY_MODEL_PARAMS | {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "dropout_prob": 0.0}
 # The all-position loop for each sequential model, and RecBole's own loop (last_item).

@@ -177,11 +177,11 @@ def test_exception_classes_live_in_core_errors_and_end_in_error() -> None:
             if not isinstance(node, ast.ClassDef):
                 continue
             bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
-            if any(b.endswith(("Error", "Exception")) for b in bases) and rel != "core/errors.py":
-                if (rel, node.name) not in PRIVATE_SIGNALS:
-                    outside.append(f"{rel}:{node.lineno}: {node.name}")
+            if (any(b.endswith(("Error", "Exception")) for b in bases) and rel != "core/errors.py"
+                    and (rel, node.name) not in PRIVATE_SIGNALS):
+                outside.append(f"{rel}:{node.lineno}: {node.name}")
     assert not outside, "define exceptions in core/errors.py:\n" + "\n".join(outside)
-    for name, obj in vars(core.errors).items():
+    for obj in vars(core.errors).values():
         if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == "core.errors":
             assert obj.__name__.endswith("Error"), obj.__name__
 

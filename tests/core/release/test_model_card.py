@@ -8,8 +8,8 @@ from pathlib import Path
 from recflow_testdata import TinyRun
 
 from core.modeling.evaluation import evaluate
-from core.release.model_card import build_card, library_versions, write_card
 from core.records import ExportedModel
+from core.release.model_card import build_card, library_versions, write_card
 
 
 def test_card_contents_round_trip(tiny_run: TinyRun, tmp_path: Path) -> None:

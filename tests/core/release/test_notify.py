@@ -13,8 +13,8 @@ from webhook_receiver import WebhookReceiver
 
 from core.config import NotifyConfig, load_config
 from core.errors import ConfigError
-from core.release.notify import DISCORD_MAX_CHARS, Outcome, build_payload, message_text, notify
 from core.records import GateDecision
+from core.release.notify import DISCORD_MAX_CHARS, Outcome, build_payload, message_text, notify
 
 ENV = "RECFLOW_TEST_WEBHOOK_URL"
 SECRET = "T0KEN-s3cret"

@@ -416,7 +416,7 @@ def test_cli_ship_status_rollback(ship_settings: ShippingConfig, publish: Callab
     unknown.write_text("")
     refused = _cli("ship", NAME, "--registry", str(registry), *target, "--known-hosts", str(unknown), env=env)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert [ln for ln in refused.stderr.splitlines() if ln.startswith("error:")][0].count("is not in") == 1
+    assert next(ln for ln in refused.stderr.splitlines() if ln.startswith("error:")).count("is not in") == 1
     no_host = _cli("ship", NAME, "--registry", str(registry), env=env)
     assert no_host.returncode == 2 and "no production host configured: set --host" in no_host.stderr
     no_key = _cli("remote-status", NAME, *target, env={KEY_ENV: ""})

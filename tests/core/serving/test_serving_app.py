@@ -14,8 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,14 +23,14 @@ import pytest
 from fastapi.testclient import TestClient
 from recflow_testdata import N_ITEMS, TinyRun, tiny_config
 
-from core.modeling.dataset import build_dataset
-from core.errors import ChecksumError, ServingError
-from core.modeling.export import export_model
 from core.data.extract import extract
+from core.errors import ChecksumError, ServingError
+from core.modeling.dataset import build_dataset
+from core.modeling.export import export_model
+from core.modeling.training import train
 from core.release.registry import CHECKSUMS_FILE, Registry
 from core.serving.app import ChampionWatcher, create_app
 from core.serving.scorer import OnnxScorer
-from core.modeling.training import train
 
 NAME = "tiny-sasrec"
 REPO = Path(__file__).resolve().parents[3]
@@ -374,9 +374,10 @@ def test_recflow_serve_answers_over_http(registry: Registry, workers: int) -> No
             try:
                 health = httpx.get(f"{base}/healthz", timeout=2)
                 break
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"server did not come up: {proc.stdout.read() if proc.stdout else ''}")
+                    out = proc.stdout.read() if proc.stdout else ""
+                    raise AssertionError(f"server did not come up: {out}") from exc
                 time.sleep(0.2)
         assert health.json()["version"] == "v1"
         for _ in range(20):  # with --workers 2, both processes answer the same
