@@ -150,8 +150,9 @@ class TrainingConfig(_Strict):
     # Train to convergence: a high epoch cap, early stopping on the valid metric, and a wall-time
     # budget that keeps the best epoch. Figures behind the defaults: benchmarks/README.md.
     epochs: int = Field(default=200, ge=1, description="epoch cap; early stopping normally ends training first")
+    # 30: the 850k-attempt bank needs ~18 min of CPU training to early stopping; 15 cut it short.
     max_minutes: float | None = Field(
-        default=15.0, gt=0, description="training wall-time budget (train + valid epochs): training ends cleanly "
+        default=30.0, gt=0, description="training wall-time budget (train + valid epochs): training ends cleanly "
         "after the epoch that crosses it and keeps the best epoch; None: no budget",
     )
     objective: Literal["all_positions", "last_item"] = Field(
