@@ -69,33 +69,93 @@ def _quiet_prefect_tracebacks() -> None:
             handler.addFilter(f)
 
 
+# Where the data comes from and what its columns are called: shared by `run` and `tune`.
+_ConfigFileOpt = Annotated[Path | None, typer.Option("--config", help="YAML file or preset name, e.g. ml-100k-ease")]
+_DataOpt = Annotated[Path | None, typer.Option("--data", help="CSV or Parquet file (default: ml-100k)")]
+_UserColOpt = Annotated[str | None, typer.Option("--user-col", help="user id column in --data")]
+_ItemColOpt = Annotated[str | None, typer.Option("--item-col", help="item id column in --data")]
+_TimeColOpt = Annotated[str | None, typer.Option("--time-col", help="timestamp column (ISO or epoch seconds)")]
+_RatingColOpt = Annotated[str | None, typer.Option("--rating-col", help="optional rating column")]
+_SeparatorOpt = Annotated[str | None, typer.Option("--separator", help="CSV field separator (default ',')")]
+_SourceOpt = Annotated[str | None, typer.Option("--source", help="file|ml-100k|postgres|supabase|synthetic")]
+_DsnOpt = Annotated[str | None, typer.Option("--dsn", help="Postgres URL WITHOUT password (else use $RECFLOW_PG_DSN)")]
+_DsnEnvOpt = Annotated[str | None, typer.Option("--dsn-env", help="env var holding the Postgres URL")]
+_UrlOpt = Annotated[str | None, typer.Option("--url", help="Supabase project URL")]
+_SupabaseKeyEnvOpt = Annotated[str | None, typer.Option("--key-env", help="env var holding the Supabase key")]
+_TableOpt = Annotated[str | None, typer.Option("--table", help="table to read (default question_attempts)")]
+_SinceOpt = Annotated[str | None, typer.Option("--since", help="only rows at or after this ISO time")]
+_UntilOpt = Annotated[str | None, typer.Option("--until", help="only rows before this ISO time")]
+_EpochsOpt = Annotated[int | None, typer.Option("--epochs", min=1, help="epoch cap (early stopping usually ends training first)")]
+_DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto|cpu|cuda|mps")]
+
+
+def _source_overrides(
+    *, data: Path | None, user_col: str | None, item_col: str | None, time_col: str | None, rating_col: str | None,
+    separator: str | None, source: str | None, dsn_env: str | None, url: str | None, key_env: str | None,
+    table: str | None, since: str | None, until: str | None,
+) -> dict[str, Any]:
+    """The dotted config overrides of the source and column flags (None: not given, the preset's value)."""
+    overrides: dict[str, Any] = {
+        "columns.user": user_col,
+        "columns.item": item_col,
+        "columns.time": time_col,
+        "columns.rating": rating_col,
+        "source.separator": separator,
+        "source.kind": source,
+        "source.dsn_env": dsn_env,
+        "source.url": url,
+        "source.key_env": key_env,
+        "source.table": table,
+        "source.since": since,
+        "source.until": until,
+    }
+    if data is not None:
+        overrides |= {"source.kind": source or "file", "source.path": data}
+    return overrides
+
+
+def _load_run_config(config: Path | None, overrides: dict[str, Any], dsn: str | None, dsn_env: str | None) -> Any:
+    """The config from --config and the flags, with the checks that need no data (model name,
+    rating setup); raises ``RecflowError``."""
+    from core.config import load_config
+    from core.modeling.dataset import check_rating_setup
+    from core.modeling.recbole_adapter import canonical_model_name
+
+    if dsn is not None:
+        _use_dsn_flag(dsn, dsn_env or "RECFLOW_PG_DSN")
+    cfg = load_config(config, overrides)
+    cfg.model.name = canonical_model_name(cfg.model.name)
+    check_rating_setup(cfg)  # evaluation.task=rating with a model that only ranks: say so before any work
+    return cfg
+
+
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file or preset name, e.g. ml-100k-ease")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="CSV or Parquet file (default: ml-100k)")] = None,
-    user_col: Annotated[str | None, typer.Option("--user-col", help="user id column in --data")] = None,
-    item_col: Annotated[str | None, typer.Option("--item-col", help="item id column in --data")] = None,
-    time_col: Annotated[str | None, typer.Option("--time-col", help="timestamp column (ISO or epoch seconds)")] = None,
-    rating_col: Annotated[str | None, typer.Option("--rating-col", help="optional rating column")] = None,
-    separator: Annotated[str | None, typer.Option("--separator", help="CSV field separator (default ',')")] = None,
-    source: Annotated[str | None, typer.Option("--source", help="file|ml-100k|postgres|supabase|synthetic")] = None,
-    dsn: Annotated[str | None, typer.Option("--dsn", help="Postgres URL WITHOUT password (else use $RECFLOW_PG_DSN)")] = None,
-    dsn_env: Annotated[str | None, typer.Option("--dsn-env", help="env var holding the Postgres URL")] = None,
-    url: Annotated[str | None, typer.Option("--url", help="Supabase project URL")] = None,
-    key_env: Annotated[str | None, typer.Option("--key-env", help="env var holding the Supabase key")] = None,
-    table: Annotated[str | None, typer.Option("--table", help="table to read (default question_attempts)")] = None,
-    since: Annotated[str | None, typer.Option("--since", help="only rows at or after this ISO time")] = None,
-    until: Annotated[str | None, typer.Option("--until", help="only rows before this ISO time")] = None,
+    config: _ConfigFileOpt = None,
+    data: _DataOpt = None,
+    user_col: _UserColOpt = None,
+    item_col: _ItemColOpt = None,
+    time_col: _TimeColOpt = None,
+    rating_col: _RatingColOpt = None,
+    separator: _SeparatorOpt = None,
+    source: _SourceOpt = None,
+    dsn: _DsnOpt = None,
+    dsn_env: _DsnEnvOpt = None,
+    url: _UrlOpt = None,
+    key_env: _SupabaseKeyEnvOpt = None,
+    table: _TableOpt = None,
+    since: _SinceOpt = None,
+    until: _UntilOpt = None,
     incremental: Annotated[bool | None, typer.Option("--incremental/--no-incremental", help="append only new rows to the snapshot store")] = None,
     full_refresh: Annotated[bool, typer.Option("--full-refresh", help="re-read everything, reset the watermark")] = False,
     store_dir: Annotated[Path | None, typer.Option("--store-dir", help="snapshot store (incremental)")] = None,
     model: Annotated[str | None, typer.Option("--model", help="any RecBole model name, e.g. SASRec, BPR")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="epoch cap (early stopping usually ends training first)")] = None,
+    epochs: _EpochsOpt = None,
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="training wall-time budget (default 15)")] = None,
     objective: Annotated[str | None, typer.Option("--objective", help="sequential models: all_positions (default) or last_item (RecBole's rows)")] = None,
     loss: Annotated[str | None, typer.Option("--loss", help="all_positions: ce (default), sampled_softmax or gbce")] = None,
     batch_size: Annotated[str | None, typer.Option("--batch-size", help="train batch rows, or 'auto' (largest that fits the GPU)")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto|cpu|cuda|mps")] = None,
+    device: _DeviceOpt = None,
     registry: Annotated[Path | None, typer.Option("--registry", help="model registry folder")] = None,
     runs_dir: Annotated[Path | None, typer.Option("--runs-dir", help="where run folders go")] = None,
     summary_json: Annotated[Path | None, typer.Option("--summary-json", help="write the outcome as JSON")] = None,
@@ -103,12 +163,11 @@ def run(
     """Run extract -> validate -> train -> evaluate -> export -> register once."""
     from core.errors import RecflowError
 
-    overrides: dict[str, Any] = {
-        "columns.user": user_col,
-        "columns.item": item_col,
-        "columns.time": time_col,
-        "columns.rating": rating_col,
-        "source.separator": separator,
+    overrides = _source_overrides(
+        data=data, user_col=user_col, item_col=item_col, time_col=time_col, rating_col=rating_col,
+        separator=separator, source=source, dsn_env=dsn_env, url=url, key_env=key_env, table=table,
+        since=since, until=until,
+    ) | {
         "model.name": model,
         "training.epochs": epochs,
         "training.max_minutes": max_minutes,
@@ -118,32 +177,14 @@ def run(
         "training.device": device,
         "registry.path": registry,
         "runs_dir": runs_dir,
-        "source.kind": source,
-        "source.dsn_env": dsn_env,
-        "source.url": url,
-        "source.key_env": key_env,
-        "source.table": table,
-        "source.since": since,
-        "source.until": until,
         "incremental.enabled": True if full_refresh else incremental,
         "incremental.full_refresh": True if full_refresh else None,
         "incremental.store_dir": store_dir,
     }
-    if data is not None:
-        overrides |= {"source.kind": source or "file", "source.path": data}
     summary: dict[str, Any] = {"status": "failed", "stage": "config", "error": None, "metrics": {},
                                "model_version": None, "registry": None}
     try:
-        from core.config import load_config
-        from core.modeling.recbole_adapter import canonical_model_name
-
-        if dsn is not None:
-            _use_dsn_flag(dsn, dsn_env or "RECFLOW_PG_DSN")
-        cfg = load_config(config, overrides)
-        cfg.model.name = canonical_model_name(cfg.model.name)
-        from core.modeling.dataset import check_rating_setup
-
-        check_rating_setup(cfg)  # evaluation.task=rating with a model that only ranks: say so before any work
+        cfg = _load_run_config(config, overrides, dsn, dsn_env)
         summary["registry"] = str(cfg.registry.path.resolve())
         summary["stage"] = "extract"
         from core.data.extract import preflight
@@ -257,6 +298,116 @@ def _write_summary(path: Path | None, summary: dict[str, Any]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def tune(
+    space: Annotated[str, typer.Option("--space", help="search space YAML, or a shipped one by name: sasrec, bpr")],
+    study: Annotated[str, typer.Option("--study", help="study name (studies/<name>/); the same name resumes it")],
+    trials: Annotated[int, typer.Option("--trials", min=1, help="total complete + pruned trials of the study, across every process")],
+    config: _ConfigFileOpt = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="minutes: this process starts no trial after")] = None,
+    trial_minutes: Annotated[float, typer.Option("--trial-minutes", help="training time cap of each trial")] = 10.0,
+    pruner: Annotated[str, typer.Option("--pruner", help="median|hyperband|none: stop trials whose valid metric lags")] = "median",
+    storage_env: Annotated[str | None, typer.Option("--storage-env", help="env var holding the study database URL (PostgreSQL for several hosts); default: SQLite in studies/<name>/")] = None,
+    studies_dir: Annotated[Path, typer.Option("--studies-dir", help="where study folders go")] = Path("studies"),
+    data: _DataOpt = None,
+    user_col: _UserColOpt = None,
+    item_col: _ItemColOpt = None,
+    time_col: _TimeColOpt = None,
+    rating_col: _RatingColOpt = None,
+    separator: _SeparatorOpt = None,
+    source: _SourceOpt = None,
+    dsn: _DsnOpt = None,
+    dsn_env: _DsnEnvOpt = None,
+    url: _UrlOpt = None,
+    key_env: _SupabaseKeyEnvOpt = None,
+    table: _TableOpt = None,
+    since: _SinceOpt = None,
+    until: _UntilOpt = None,
+    epochs: _EpochsOpt = None,
+    device: _DeviceOpt = None,
+) -> None:
+    """Search hyper-parameters with Optuna: the data once, then trials (pruned early when behind) until --trials."""
+    from pydantic import ValidationError
+
+    from core.errors import RecflowError
+
+    overrides = _source_overrides(
+        data=data, user_col=user_col, item_col=item_col, time_col=time_col, rating_col=rating_col,
+        separator=separator, source=source, dsn_env=dsn_env, url=url, key_env=key_env, table=table,
+        since=since, until=until,
+    ) | {"training.epochs": epochs, "training.device": device}
+    try:
+        from core.data.extract import preflight
+        from core.experiments.space import check_space, load_space
+        from core.experiments.study import StudySettings, open_study, study_direction, study_fingerprint
+
+        settings = StudySettings(name=study, root=studies_dir, trials=trials, timeout_minutes=timeout,
+                                 trial_minutes=trial_minutes, pruner=pruner, storage_env=storage_env)
+        cfg = _load_run_config(config, overrides, dsn, dsn_env)
+        search = load_space(space)
+        check_space(search, cfg)
+        preflight(cfg)
+        # Storage reachable, and a resumed study searching the same thing: before any data is read.
+        open_study(settings, direction=study_direction(cfg), fingerprint=study_fingerprint(cfg, search))
+    except ValidationError as exc:  # StudySettings: name the flag
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "study"
+        flag = {"name": "study", "root": "studies-dir", "timeout_minutes": "timeout"}.get(field, field.replace("_", "-"))
+        _fail(f"--{flag}: {first['msg'].removeprefix('Value error, ')}")
+        return
+    except RecflowError as exc:
+        _fail(str(exc))
+        return
+    from flows.tuning_pipeline import tuning_pipeline
+
+    _quiet_prefect_tracebacks()
+    state = tuning_pipeline(cfg, search, settings, return_state=True)
+    if not state.is_completed():
+        exc_ = state.result(raise_on_failure=False)
+        typer.secho(f"error: {exc_}", fg=typer.colors.RED, err=True)
+        typer.echo(f"study folder: {settings.dir} (re-run the same command to resume)", err=True)
+        raise typer.Exit(1)
+    _print_study(state.result())
+
+
+def _print_study(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = report.metric
+    table = Table(title=f"study {report.study}: {report.counted} trials (complete + pruned), {report.failed} failed; "
+                        f"valid/test {metric}")
+    for name in ("trial", "state", "valid", "test", "epochs", "min"):
+        table.add_column(name, justify="left" if name == "state" else "right", no_wrap=True)
+    table.add_column("parameters", overflow="fold")
+    fixed = {"trial", "state", f"valid_{metric}", f"test_{metric}", "epochs", "minutes", "device", "core_hours",
+             "gpu_hours", "stop_reason", "error"}
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for row in report.leaderboard[:20]:
+        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                           for k, v in row.items() if k not in fixed)
+        table.add_row(str(row["trial"]), row["state"].lower(), num(row[f"valid_{metric}"], ".4f"),
+                      num(row[f"test_{metric}"], ".4f"), num(row["epochs"], "d"), num(row["minutes"], ".1f"), params)
+    # Piped output gets rich's 80 columns otherwise, and the parameters fold into slivers.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if len(report.leaderboard) > 20:
+        typer.echo(f"... {len(report.leaderboard) - 20} more in the CSV")
+    cost = f"{report.gpu_hours:.3f} GPU-hours" if report.gpu_hours else f"{report.core_hours:.3f} core-hours"
+    typer.echo(f"{report.minutes:.1f} trial-minutes, {cost}")
+    typer.echo(f"leaderboard: {report.leaderboard_csv}")
+    for png in report.plots:
+        typer.echo(f"plot: {png}")
+    for name, why in report.skipped_plots.items():
+        typer.echo(f"plot {name}: not drawn ({why})")
+    if report.best_yaml:
+        typer.echo(f"best configuration (trial {report.best_trial}): {report.best_yaml}")
+        typer.echo(f"  train it: recflow run --config {report.best_yaml}")
+    typer.echo(f"study folder: {report.dir} (the same command resumes it; --trials is the study's total)")
 
 
 @app.command()

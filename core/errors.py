@@ -79,6 +79,14 @@ class DeploymentError(RecflowError):
     """The deployments cannot be created: Prefect API unreachable, bad schedule, wrong pool type."""
 
 
+class TuningError(RecflowError):
+    """A hyper-parameter search cannot go on: a bad search space or study storage, or trials failing in a row."""
+
+
+class TrialFailedError(TuningError):
+    """One tuning trial failed (diverged, out of memory, ...): Optuna marks it FAIL and the study goes on."""
+
+
 class BadRequestError(RecflowError):
     """A serving request the server refuses; ``status`` is the HTTP status, ``detail`` the reason sent back."""
 

@@ -137,7 +137,7 @@ class TrainedModel(BaseModel):
         default="last_item", description="all_positions: windows with a target at every position; last_item: RecBole's rows"
     )
     loss: str | None = Field(default=None, description="all_positions: ce, sampled_softmax or gbce")
-    stop_reason: Literal["early stopping", "time budget", "epoch cap"] = Field(
+    stop_reason: Literal["early stopping", "time budget", "epoch cap", "stopped by caller"] = Field(
         default="epoch cap", description="what ended training"
     )
     train_rows: int | None = Field(default=None, description="rows (or windows) per epoch")

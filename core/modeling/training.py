@@ -47,7 +47,9 @@ from core.release.artifacts import CHECKPOINT_FILE
 
 BEST_CHECKPOINT = CHECKPOINT_FILE
 LATEST_CHECKPOINT = "latest.pth"
-EpochCallback = Callable[[EpochStats], None]
+# Returns True to stop training after this epoch (a tuning trial the pruner gave up on); None or
+# False to go on. Training then ends as on early stopping: best.pth kept, stop_reason "stopped by caller".
+EpochCallback = Callable[[EpochStats], bool | None]
 log = logging.getLogger("recflow.training")
 
 __all__ = [
@@ -223,7 +225,8 @@ def train(
     ``data``: the RecBole data built for this run (``core.modeling.dataset.build_recbole_data``);
     None builds it here. Training consumes its train loader (shuffle state, batch size), so
     pass a handle no other training has used. ``on_epoch`` sees only epochs trained by this
-    call; the returned ``epochs`` holds all of them.
+    call (the returned ``epochs`` holds all of them); it returns True to end training after
+    that epoch (``stop_reason`` "stopped by caller"; a tuning trial pruned by Optuna).
     """
     paths = _RunPaths.of(run_dir)
     if data is None:
@@ -370,8 +373,7 @@ class _EpochHook:
                 "auto_batch": self.auto_batch,
             },
         )
-        if self.on_epoch is not None:
-            self.on_epoch(stats)
+        caller_stop = bool(self.on_epoch(stats)) if self.on_epoch is not None else False
         t = self.config.training
         if early_stop:
             self.stop_reason = "early stopping"
@@ -383,6 +385,10 @@ class _EpochHook:
             self.stop_reason = "time budget"
             log.warning("training.max_minutes=%g reached after epoch %d: keeping the best epoch",
                         t.max_minutes, epoch_idx)
+            raise _StopTrainingError
+        elif caller_stop:
+            self.stop_reason = "stopped by caller"
+            log.info("on_epoch asked to stop after epoch %d: keeping the best epoch", epoch_idx)
             raise _StopTrainingError
 
     def _record(self, epoch_idx: int, valid_score: float) -> EpochStats:
@@ -500,7 +506,8 @@ BERT4REC_LAST_ONLY = 0.2
 
 
 class _StopTrainingError(Exception):
-    """Raised from the epoch callback to end ``fit``: a plateau RecBole's rule misses, or the time budget."""
+    """Raised from the epoch callback to end ``fit``: a plateau RecBole's rule misses, the time budget,
+    or ``on_epoch`` returning True."""
 
 
 def plateaued(scores: list[float], *, patience: int, min_gain: float, bigger: bool = True) -> bool:
