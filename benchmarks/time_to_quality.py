@@ -63,6 +63,9 @@ RECFLOW_SIDES: dict[str, tuple[str, dict[str, Any]]] = {
     "all_positions_patience10": ("all_positions", {"training.early_stopping_patience": BARE_STOPPING_STEP,
                                                    "training.early_stopping_min_gain": 0.0}),
     "last_item": ("last_item", {}),
+    # recflow's defaults on two more seeds (--seed-sides): the spread a single-seed comparison hides.
+    "all_positions_seed1": ("all_positions", {"training.seed": 1}),
+    "all_positions_seed2": ("all_positions", {"training.seed": 2}),
 }
 TERMINAL = ("early stopping", "epoch cap")  # a bare run that stopped so is finished; a CPU budget is not
 
@@ -714,7 +717,8 @@ def report(work: Path) -> dict[str, Any]:
     # ---- the table
     names = list(sides)
     heads = {"bare": "bare RecBole", "recflow_all_positions": "recflow all_pos",
-             "recflow_all_positions_patience10": "all_pos patience 10", "recflow_last_item": "recflow last_item"}
+             "recflow_all_positions_patience10": "all_pos patience 10", "recflow_last_item": "recflow last_item",
+             "recflow_all_positions_seed1": "all_pos seed 1", "recflow_all_positions_seed2": "all_pos seed 2"}
     rows: list[tuple[str, list[str]]] = []
 
     def row(label: str, fn: Any) -> None:
@@ -836,6 +840,8 @@ def main() -> None:
                         help="also train recflow with training.objective=last_item for this many epochs (0: skip)")
     parser.add_argument("--recflow-max-minutes", type=float, default=None,
                         help="training.max_minutes for recflow (default: recflow's default; 0: no wall-time budget)")
+    parser.add_argument("--seed-sides", action="store_true",
+                        help="also train recflow's defaults with seeds 1 and 2 (the seed spread)")
     parser.add_argument("--report-only", action="store_true", help="print the table from the saved results only")
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recflow-side", choices=list(RECFLOW_SIDES), help=argparse.SUPPRESS)
@@ -860,7 +866,8 @@ def main() -> None:
             _run_child(args, ["--bare-only", "--bare-budget-minutes", str(args.bare_budget_minutes),
                               "--bare-epochs", str(args.bare_epochs)], log, tunables=False)
         sides = [("all_positions", None), ("all_positions_patience10", None)] + (
-            [("last_item", args.last_item_epochs)] if args.last_item_epochs > 0 else [])
+            [("last_item", args.last_item_epochs)] if args.last_item_epochs > 0 else []) + (
+            [("all_positions_seed1", None), ("all_positions_seed2", None)] if args.seed_sides else [])
         for objective, epochs in sides:
             if (work / f"recflow_{objective}.json").is_file() and not args.rerun_recflow:
                 print(f"recflow {objective}: reusing {work / f'recflow_{objective}.json'} (--rerun-recflow to retrain)")
