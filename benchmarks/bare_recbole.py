@@ -18,7 +18,7 @@ Each side runs in its own subprocess (this script re-invokes itself with ``--sid
   It runs with its working directory in a temp folder (it writes ./log, ./log_tensorboard,
   ./saved there).
 * ``recflow``: ``core.config.load_config`` + ``core.data.extract.extract`` +
-  ``core.modeling.dataset.build_dataset`` + ``core.modeling.training.train`` + ``core.modeling.evaluation.ranking_metrics``
+  ``core.modeling.dataset.build_recbole_data`` + ``core.modeling.training.train`` + ``core.modeling.evaluation.ranking_metrics``
   in a temp run folder, in a process with the GLIBC_TUNABLES that recflow's CLI sets.
 
 Both sides use the same RecBole configuration (checked: the parent compares the two sides'
@@ -270,7 +270,7 @@ def run_recflow(epochs: int, threads: int | None, work: Path) -> dict[str, Any]:
 
     from core.config import load_config
     from core.data.extract import extract
-    from core.modeling.dataset import build_dataset, load_recbole_data
+    from core.modeling.dataset import build_recbole_data
     from core.modeling.evaluation import ranking_metrics
     from core.modeling.training import load_trained, train
 
@@ -279,14 +279,13 @@ def run_recflow(epochs: int, threads: int | None, work: Path) -> dict[str, Any]:
     run_dir = work / "runs" / "bench"
     run_dir.mkdir(parents=True)
     snapshot = extract(cfg, run_dir)
-    splits = build_dataset(snapshot, cfg, run_dir)
+    splits, data = build_recbole_data(snapshot, cfg, run_dir)
     t_data = time.perf_counter()
 
     anomaly: list[bool] = []
-    trained = train(cfg, splits, run_dir, on_epoch=lambda _stats: anomaly.append(torch.is_anomaly_enabled()))
+    trained = train(cfg, splits, run_dir, on_epoch=lambda _stats: anomaly.append(torch.is_anomaly_enabled()), data=data)
     t_fit = time.perf_counter()
 
-    data = load_recbole_data(cfg, splits, trained.checkpoint.parent)
     model = load_trained(data, trained.checkpoint)
     _valid, test = ranking_metrics(data, model, trained.checkpoint)
     t_end = time.perf_counter()

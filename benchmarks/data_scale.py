@@ -23,7 +23,7 @@ calls them:
 * extract  ``core.data.extract.extract``  (source -> sorted snapshot.parquet + fingerprint)
 * validate ``core.data.validation.validate_snapshot`` (GX suite + polars checks; ``previous_rows``
   set to the row count, so the drift check runs too)
-* build    ``core.modeling.dataset.build_dataset`` (atomic files + RecBole dataset + split + dataloaders)
+* build    ``core.modeling.dataset.build_recbole_data`` (atomic files + RecBole dataset + split + dataloaders)
 
 Children run with the GLIBC_TUNABLES recflow's CLI sets (as a real run has them), unless
 ``--no-tunables``; ``--no-fast`` switches off core.modeling.dataset's RecBole fast paths
@@ -145,7 +145,7 @@ def run_step(step: str, data: Path, run_dir: Path, model: str, profile: bool) ->
     elif step == "validate":
         from core.data.validation import validate_snapshot as call
     else:
-        from core.modeling.dataset import build_dataset as call
+        from core.modeling.dataset import build_recbole_data as call
     from core.records import Snapshot
 
     imported = time.perf_counter()
@@ -174,7 +174,7 @@ def run_step(step: str, data: Path, run_dir: Path, model: str, profile: bool) ->
                 "warnings": [f"{c.name}: {c.details}" for c in report.warnings],
             }
         else:
-            splits = call(snapshot, config, run_dir)
+            splits, built = call(snapshot, config, run_dir)
             extra = {"users": splits.users, "items": splits.items, "interactions": splits.interactions}
     seconds = time.perf_counter() - t0
     if profiler is not None:
@@ -187,7 +187,7 @@ def run_step(step: str, data: Path, run_dir: Path, model: str, profile: bool) ->
         extra["profile"] = out.getvalue()
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if step == "build":  # after the build's own figures
-        extra.update(_window_cut(config, splits, run_dir))
+        extra.update(_window_cut(built))
     return {
         "step": step,
         "seconds": seconds,
@@ -197,13 +197,10 @@ def run_step(step: str, data: Path, run_dir: Path, model: str, profile: bool) ->
     }
 
 
-def _window_cut(config: Any, splits: Any, run_dir: Path) -> dict[str, Any]:
+def _window_cut(data: Any) -> dict[str, Any]:
     """Sequential models: time all-position training's window cut on the built train split."""
     from recbole.utils import ModelType
 
-    from core.modeling.dataset import load_recbole_data
-
-    data = load_recbole_data(config, splits, run_dir / "checkpoints")  # build_dataset's (cached) data
     if data.config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         return {}
     from core.modeling.window_loader import windows_from_train_split

@@ -130,16 +130,15 @@ def _torch_model(version_dir: Path, work: Path) -> Any:
     """The version's best.pth in torch, on a dataset rebuilt from its config.yaml."""
     from core.config import load_config
     from core.data.extract import extract
-    from core.modeling.dataset import build_dataset, load_recbole_data
+    from core.modeling.dataset import build_recbole_data
     from core.modeling.training import load_trained
 
     config = load_config(version_dir / "config.yaml", {"training.device": "cpu"})
     run_dir = work / "torch-side"
     run_dir.mkdir()
-    splits = build_dataset(extract(config, run_dir), config, run_dir)
+    _splits, data = build_recbole_data(extract(config, run_dir), config, run_dir)
     checkpoint = run_dir / "best.pth"
     shutil.copy(version_dir / "best.pth", checkpoint)
-    data = load_recbole_data(config, splits, run_dir)
     items = [str(t) for t in data.dataset.field2id_token[data.dataset.iid_field]]
     if items != json.loads((version_dir / "item_ids.json").read_text()):
         raise SystemExit("error: the rebuilt dataset's item ids differ from the version's item_ids.json "

@@ -184,13 +184,12 @@ def prepare(work: Path) -> None:
     c0, t0 = time.process_time(), time.perf_counter()
     from core.config import load_config
     from core.data.extract import extract
-    from core.modeling.dataset import build_dataset, load_recbole_data
+    from core.modeling.dataset import build_recbole_data
 
     cfg = load_config(None, {"runs_dir": work / "runs", "training.threads": 1})
     p["data"].mkdir(parents=True, exist_ok=True)
     snapshot = extract(cfg, p["data"])
-    splits = build_dataset(snapshot, cfg, p["data"])
-    data = load_recbole_data(cfg, splits, p["data"] / "checkpoints")  # build_dataset's, cached
+    splits, data = build_recbole_data(snapshot, cfg, p["data"])
     assert Path(splits.data_dir) / splits.dataset_name / f"{splits.dataset_name}.inter" == p["inter"], splits
     _write_json(p["recflow_split"], _split_cases(data.valid, data.test))
     _write_json(p["recflow_config"], _effective_config(data.config))

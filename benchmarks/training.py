@@ -8,7 +8,7 @@ For each preset (globbed at run time, so new presets are picked up), two subproc
 after the other:
 
 * ``recflow``: ``core.config.load_config(preset)`` (``training.epochs`` and ``threads`` from
-  the flags) + ``extract`` + ``build_dataset`` + ``core.modeling.training.train`` in a temp run folder,
+  the flags) + ``extract`` + ``build_recbole_data`` + ``core.modeling.training.train`` in a temp run folder,
   with the ``GLIBC_TUNABLES`` that recflow's CLI sets. It writes the RecBole config dict
   recflow built (``core.modeling.dataset.recbole_config_dict``; the batch it trained at, ``auto`` resolved).
 * ``bare``: RecBole's documented steps (``benchmarks/bare_recbole.py``'s ``fit_bare``) with that
@@ -65,7 +65,7 @@ def run_recflow_side(preset: Path, epochs: int, threads: int | None, work: Path)
 
     from core.config import load_config
     from core.data.extract import extract
-    from core.modeling.dataset import _has_rating_column, build_dataset, load_recbole_data, recbole_config_dict
+    from core.modeling.dataset import _has_rating_column, build_recbole_data, recbole_config_dict
     from core.modeling.trainer_mixin import RecflowTrainerMixin
     from core.modeling.training import train
 
@@ -86,10 +86,10 @@ def run_recflow_side(preset: Path, epochs: int, threads: int | None, work: Path)
                                          "runs_dir": work / "runs", "registry.path": work / "registry"})
     run_dir = work / "runs" / "bench"
     run_dir.mkdir(parents=True)
-    splits = build_dataset(extract(cfg, run_dir), cfg, run_dir)
+    splits, data = build_recbole_data(extract(cfg, run_dir), cfg, run_dir)
     t_data = time.perf_counter()
     anomaly: list[bool] = []
-    trained = train(cfg, splits, run_dir, on_epoch=lambda _s: anomaly.append(torch.is_anomaly_enabled()))
+    trained = train(cfg, splits, run_dir, on_epoch=lambda _s: anomaly.append(torch.is_anomaly_enabled()), data=data)
     t_fit = time.perf_counter()
     # What bare RecBole gets: recflow's own dict, at the batch recflow trained with (auto resolved).
     rb_dict = recbole_config_dict(cfg, splits.data_dir, run_dir / "checkpoints", _has_rating_column(splits))
@@ -110,8 +110,8 @@ def run_recflow_side(preset: Path, epochs: int, threads: int | None, work: Path)
         "cuda_peak_mib": _cuda_peak_mib(),
         "torch_threads": torch.get_num_threads(),
         "recbole_config_dict": rb_dict,
-        # RecBole's whole final config as recflow ran it (cached loaders: no rebuild), to diff with bare's.
-        "config": bare_lib._effective_config(load_recbole_data(cfg, splits, run_dir / "checkpoints").config),
+        # RecBole's whole final config as recflow ran it, to diff with bare's.
+        "config": bare_lib._effective_config(data.config),
     }
 
 
