@@ -57,6 +57,14 @@ class StudySettings(BaseModel):
     storage_env: str | None = Field(default=None, description="env var holding a database URL; None: SQLite")
     seed: int = Field(default=0, description="TPE sampler seed")
     keep_top: int = Field(default=3, ge=1, description="trial folders (checkpoints) kept: the best this many")
+    seeds: int = Field(default=0, ge=0, description="re-run the preset and the best configuration with this many "
+                                                    "seeds and compare mean +- std; 0: no repeats")
+    pools: list[str] = Field(default_factory=list, description="Prefect work pools the trials run on (one flow "
+                                                               "run per trial); empty: subflows in this process")
+    promote: bool = Field(default=False, description="send the best model through the champion gate and registry")
+    register_top: int = Field(default=0, ge=0, description="register the N best trials' models as variants")
+    gpu_cost_per_hour: float | None = Field(default=None, ge=0, description="price of a GPU-hour (core-hour "
+                                                                           "on CPU) for the cost column")
 
     @field_validator("name")
     @classmethod
