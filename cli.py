@@ -311,6 +311,11 @@ def tune(
     pruner: Annotated[str, typer.Option("--pruner", help="median|hyperband|none: stop trials whose valid metric lags")] = "median",
     storage_env: Annotated[str | None, typer.Option("--storage-env", help="env var holding the study database URL (PostgreSQL for several hosts); default: SQLite in studies/<name>/")] = None,
     studies_dir: Annotated[Path, typer.Option("--studies-dir", help="where study folders go")] = Path("studies"),
+    seeds: Annotated[int, typer.Option("--seeds", min=0, help="re-run the preset and the best configuration with K seeds; report mean +- std")] = 0,
+    pool: Annotated[list[str] | None, typer.Option("--pool", help="Prefect work pool to run trials on (repeatable, one trial per pool slot); default: in this process")] = None,
+    promote: Annotated[bool, typer.Option("--promote", help="send the best model through the champion gate and registry")] = False,
+    register_top: Annotated[int, typer.Option("--register-top", min=0, help="register the N best trials' models as variants (for A/B tests)")] = 0,
+    gpu_cost_per_hour: Annotated[float | None, typer.Option("--gpu-cost-per-hour", min=0, help="price of a GPU-hour (a core-hour on CPU): the leaderboard's cost column")] = None,
     data: _DataOpt = None,
     user_col: _UserColOpt = None,
     item_col: _ItemColOpt = None,
@@ -344,7 +349,9 @@ def tune(
         from core.experiments.study import StudySettings, open_study, study_direction, study_fingerprint
 
         settings = StudySettings(name=study, root=studies_dir, trials=trials, timeout_minutes=timeout,
-                                 trial_minutes=trial_minutes, pruner=pruner, storage_env=storage_env)
+                                 trial_minutes=trial_minutes, pruner=pruner, storage_env=storage_env, seeds=seeds,
+                                 pools=pool or [], promote=promote, register_top=register_top,
+                                 gpu_cost_per_hour=gpu_cost_per_hour)
         cfg = _load_run_config(config, overrides, dsn, dsn_env)
         search = load_space(space)
         check_space(search, cfg)
