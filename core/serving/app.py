@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import json
 import logging
 import os
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,11 +40,13 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from core.errors import BadRequestError, RecflowError, ServingError
 from core.release.artifacts import CARD_FILE, MODEL_FILE, read_checksums
 from core.release.registry import CHAMPION, Registry
+from core.serving.arms import ArmRouter, ExperimentStore, ModelHolder, load_or_create_key
+from core.serving.outcome_log import ITEMS_CAP, ParquetLog, event_log, now_us, request_log
 from core.serving.scorer import PADDING, OnnxScorer
 
 try:  # orjson: ~5x faster response encoding; plain json otherwise
@@ -81,6 +85,10 @@ class RecommendationRequest(BaseModel):
     user: StrictStr | StrictInt | None = Field(
         None, description="User id, for non-sequential (user) models only; must be a user the model was trained on."
     )
+    session: StrictStr | StrictInt | None = Field(
+        None, description="The learner's id, for A/B arms and the outcome log (pseudonymised by the server, never "
+        "stored raw). Without it the champion answers (arm 'unassigned')."
+    )
     k: StrictInt = Field(10, description="How many items to return: 1 to min(catalogue size, 1000).")
     exclude_seen: bool = Field(True, description="Leave out items already in `items`.")
     ignore_unknown: bool = Field(
@@ -98,6 +106,8 @@ class RecommendationResponse(BaseModel):
     model: str = Field(description="Registry entry served.")
     version: str = Field(description="Registry version that produced this answer.")
     items: list[RecommendedItem] = Field(description="Best first; never padding, never seen items when excluded.")
+    arm: str | None = Field(None, description="The A/B arm that answered (served with --arm/--shadow/--log-dir only).")
+    request_id: str | None = Field(None, description="The outcome log's id of this answer (with --log-dir only).")
 
 
 class Health(BaseModel):
@@ -106,6 +116,10 @@ class Health(BaseModel):
     version: str
     loaded_at: str = Field(description="When the served version was loaded (UTC, ISO 8601).")
     last_swap_error: str | None = Field(description="Why the newest champion is not served, if it is not.")
+    experiment: dict[str, Any] | None = Field(None, description="With --log-dir: the experiment served (id, live "
+                                              "weights, shadows; null id when none runs).")
+    outcome_log: dict[str, Any] | None = Field(None, description="With --log-dir: rows written, queued and dropped "
+                                               "(queue full or write failed), per log.")
 
 
 class ErrorDetail(BaseModel):
@@ -460,6 +474,203 @@ class _FastPath:
         await send({"type": "http.response.body", "body": body})
 
 
+# --------------------------------------------------------------------------- arms, shadows and the outcome log
+
+ENV_EVENTS_TOKEN = "RECFLOW_EVENTS_TOKEN"  # POST /events needs "Authorization: Bearer <this value>"
+MAX_EVENTS = 1000  # events in one POST /events body
+
+
+class _PinnedVersion:
+    """An arm pinned to one version (``ENTRY:VERSION``): loaded once, never swapped."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.current = model
+
+    def check_once(self) -> bool:
+        return False
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session: StrictStr | StrictInt = Field(description="The learner's id (pseudonymised by the server).")
+    item: StrictStr | StrictInt = Field(description="The item (question) the outcome is about.")
+    kind: StrictStr = Field(description='"attempt", "correct", or another outcome name.')
+    value: float | None = Field(None, description="e.g. 1.0 for correct, a score, a duration.")
+    ts: AwareDatetime | None = Field(None, description="When it happened (default: when received).")
+
+
+_EVENTS_BODY: TypeAdapter[EventIn | list[EventIn]] = TypeAdapter(EventIn | list[EventIn])
+
+
+def _for_model(model: LoadedModel, req: RecommendationRequest, *, shadow: bool) -> RecommendationRequest:
+    """The request as one arm's model needs it, so that one request shape works for every arm.
+
+    A sequential arm ignores ``user`` (a user-model arm needs it); a shadow also drops the
+    items it does not know and caps k, since its failure must never cost the live answer.
+    """
+    update: dict[str, Any] = {}
+    if req.user is not None and model.scorer.sequential:
+        update["user"] = None
+    if shadow:
+        update["ignore_unknown"] = True
+        update["k"] = max(1, min(req.k, model.k_max))
+    return req.model_copy(update=update) if update else req
+
+
+class _Experimenting:
+    """The request path with an outcome log, and A/B or shadow arms when an experiment runs.
+
+    Routing is read once per request (``ArmRouter.routing``, rebound when the experiment record
+    changes), like the champion; the live arm's answer is returned and logged; each shadow is
+    queued on the same scorer thread without being awaited, and logged when its answer comes.
+    """
+
+    def __init__(self, router: ArmRouter, batcher: _Batcher, requests: ParquetLog, events: ParquetLog,
+                 poll_seconds: float, events_token: str | None) -> None:
+        self.router, self.batcher, self.requests, self.events = router, batcher, requests, events
+        self.poll_seconds, self.events_token = poll_seconds, events_token
+        self.shadow_errors = 0
+        self._pending: set[asyncio.Future[Any]] = set()  # shadow tasks: referenced until done
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    async def answer(self, body: bytes) -> tuple[int, bytes]:
+        if len(body) > MAX_BODY_BYTES:
+            return _too_large()
+        try:
+            req = _parse(body)
+        except BadRequestError as exc:
+            return exc.status, _dumps({"detail": exc.detail})
+        router = self.router
+        routing = router.routing  # read once: a weight change or kill during this request does not affect it
+        session = router.session_pseudonym(req.session)
+        arm, holder = router.route(routing, session)
+        model: LoadedModel = holder.current
+        try:
+            job = _validate(model, _for_model(model, req, shadow=False))
+        except BadRequestError as exc:
+            return exc.status, _dumps({"detail": exc.detail})
+        payload = await self.batcher.score(job)
+        request_id = uuid.uuid4().hex
+        payload["arm"], payload["request_id"] = arm, request_id
+        n = len(req.items)
+        items = req.items if n <= ITEMS_CAP else None
+        self.requests.submit((request_id, now_us(), routing.experiment, arm, False, model.name, model.version,
+                              session, items, n, n - len(job.history), payload["items"]))
+        for name, shadow in routing.shadows:
+            self._shadow(name, shadow.current, req, (request_id, routing.experiment, session, items, n))
+        return 200, _dumps(payload)
+
+    def _shadow(self, name: str, model: LoadedModel, req: RecommendationRequest,
+                row: tuple[str, str | None, str | None, list[Any] | None, int]) -> None:
+        try:
+            job = _validate(model, _for_model(model, req, shadow=True))
+        except BadRequestError:
+            self.shadow_errors += 1
+            return
+        task = asyncio.ensure_future(self.batcher.score(job))
+        self._pending.add(task)
+        request_id, experiment, session, items, n = row
+
+        def logged(done: asyncio.Future[Any]) -> None:
+            self._pending.discard(done)
+            if done.cancelled() or done.exception() is not None:
+                self.shadow_errors += 1
+                return
+            self.requests.submit((request_id, now_us(), experiment, name, True, model.name, model.version,
+                                  session, items, n, n - len(job.history), done.result()["items"]))
+
+        task.add_done_callback(logged)
+
+    def record_events(self, body: bytes, authorization: str | None) -> tuple[int, bytes]:
+        """``POST /events``: outcomes straight into ``<log dir>/events/``."""
+        if not self.events_token:
+            return 503, _dumps({"detail": f"events are not accepted: set {ENV_EVENTS_TOKEN} for recflow serve"})
+        expected = f"Bearer {self.events_token}".encode()
+        if authorization is None or not hmac.compare_digest(authorization.encode(), expected):
+            return 401, _dumps({"detail": "send the events token as 'Authorization: Bearer <token>'"})
+        if len(body) > MAX_BODY_BYTES:
+            return _too_large()
+        try:
+            parsed = _EVENTS_BODY.validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return 422, _dumps({"detail": f"invalid event: {where}: {first['msg']}"})
+        events = parsed if isinstance(parsed, list) else [parsed]
+        if len(events) > MAX_EVENTS:
+            return 413, _dumps({"detail": f"at most {MAX_EVENTS} events per request, got {len(events)}"})
+        received = now_us()
+        accepted = 0
+        for e in events:
+            ts = received if e.ts is None else int(e.ts.timestamp() * 1_000_000)
+            item = e.item if isinstance(e.item, str) else str(e.item)
+            accepted += self.events.submit((uuid.uuid4().hex, ts, self.router.session_pseudonym(e.session), item,
+                                            e.kind, e.value))
+        return 202, _dumps({"accepted": accepted, "dropped": len(events) - accepted})
+
+    def health(self) -> dict[str, Any]:
+        routing = self.router.routing
+        return {"experiment": {"id": routing.experiment, "weights": dict(routing.weights),
+                               "shadows": [name for name, _ in routing.shadows],
+                               "last_error": self.router.last_error},
+                "outcome_log": {"requests": self.requests.stats(), "events": self.events.stats(),
+                                "shadow_errors": self.shadow_errors}}
+
+    def start(self) -> None:
+        self.requests.start()
+        self.events.start()
+        if self._thread is None and self.poll_seconds > 0:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="recflow-arms-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.requests.close()
+        self.events.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.router.refresh()
+                self.router.check_arms()
+            except Exception:
+                log.exception("arms watcher failed; routing unchanged")
+
+
+def _experimenting(watcher: ChampionWatcher, batcher: _Batcher, log_dir: Path, experiment_id: str | None,
+                   poll_seconds: float) -> _Experimenting:
+    """Load every arm of the experiment (before any port is bound) and open the logs."""
+    from core.config import PrivacyConfig
+    from core.data.privacy import resolve_key
+
+    pseudonym_key = resolve_key(PrivacyConfig(), source="the serving log")
+    store = ExperimentStore(log_dir)
+    holders: dict[str, ModelHolder] = {}
+    if experiment_id is not None:
+        exp = store.load()
+        if exp is None or exp.id != experiment_id:
+            raise ServingError(f"experiment {experiment_id} is not the one in {store.path}")
+        for arm in exp.arms:
+            if arm.version is None and arm.entry == watcher.name:
+                holders[arm.name] = watcher
+            elif arm.version is None:
+                holders[arm.name] = ChampionWatcher(watcher.registry.root, arm.entry, poll_seconds=0,
+                                                    **watcher._load_kwargs)
+            else:
+                holders[arm.name] = _PinnedVersion(load_version(watcher.registry, arm.entry, arm.version,
+                                                                **watcher._load_kwargs))
+    router = ArmRouter(watcher, holders, store if experiment_id else None, experiment_id,
+                       load_or_create_key(log_dir), pseudonym_key)
+    return _Experimenting(router, batcher, request_log(log_dir), event_log(log_dir), poll_seconds,
+                          os.environ.get(ENV_EVENTS_TOKEN, "").strip() or None)
+
+
 # --------------------------------------------------------------------------- the app
 
 
@@ -472,6 +683,8 @@ def create_app(
     max_history: int | None = None,
     intra_op_threads: int | None = 1,
     fast_path: bool = True,
+    log_dir: Path | None = None,
+    experiment_id: str | None = None,
 ) -> FastAPI:
     """The serving app for ``model_name``'s champion. Raises a ``RecflowError`` if it cannot be served.
 
@@ -479,22 +692,30 @@ def create_app(
     bound; the hot-swap thread runs while the app is being served (its lifespan).
     ``fast_path``: answer POST /recommendations ahead of FastAPI's routing (same answers,
     ~85 us less per request); off, the declared FastAPI route answers it.
+    ``log_dir``: log every answer (and ``POST /events``) under it, and serve the arms of
+    ``experiment_id`` (its record in ``log_dir``; see ``core.serving.arms``).
     """
     watcher = ChampionWatcher(registry_root, model_name, poll_seconds=poll_seconds,
                               allow_unverified=allow_unverified, max_history=max_history,
                               intra_op_threads=intra_op_threads)
 
     batcher = _Batcher()
+    experimenting = (None if log_dir is None else
+                     _experimenting(watcher, batcher, Path(log_dir), experiment_id, poll_seconds))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         watcher.start()
         batcher.start()
+        if experimenting is not None:
+            experimenting.start()
         try:
             yield
         finally:
             watcher.stop()
             batcher.stop()
+            if experimenting is not None:
+                experimenting.stop()  # after the batcher: what was answered is written
 
     app = FastAPI(
         title="recflow serving",
@@ -503,6 +724,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.watcher = watcher
+    app.state.experimenting = experimenting
 
     @app.post(
         "/recommendations",
@@ -521,6 +743,8 @@ def create_app(
         return Response(body, status_code=status, media_type="application/json")
 
     async def answer(body: bytes) -> tuple[int, bytes]:
+        if experimenting is not None:
+            return await experimenting.answer(body)
         if len(body) > MAX_BODY_BYTES:
             return _too_large()
         model = watcher.current  # read once: a swap during this request does not affect it
@@ -536,9 +760,23 @@ def create_app(
     @app.get("/healthz", response_model=Health, summary="What is served, and whether the last hot swap failed")
     async def healthz() -> Response:
         model, err = watcher.current, watcher.last_swap_error
-        return Response(_dumps({"status": "degraded" if err else "ok", "model": model.name, "version": model.version,
-                                "loaded_at": model.loaded_at, "last_swap_error": err}),
-                        media_type="application/json")
+        health = {"status": "degraded" if err else "ok", "model": model.name, "version": model.version,
+                  "loaded_at": model.loaded_at, "last_swap_error": err}
+        if experimenting is not None:
+            health |= experimenting.health()
+        return Response(_dumps(health), media_type="application/json")
+
+    @app.post("/events", summary="Record learners' outcomes (attempts, correct answers) in the outcome log",
+              status_code=202, responses={401: {"model": ErrorDetail}, 422: {"model": ErrorDetail},
+                                          503: {"model": ErrorDetail, "description": "No --log-dir or no token set"}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": EventIn.model_json_schema()}}}})
+    async def events(request: Request) -> Response:
+        if experimenting is None:
+            status, body = 503, _dumps({"detail": "events are not recorded: start recflow serve with --log-dir"})
+        else:
+            status, body = experimenting.record_events(await request.body(), request.headers.get("authorization"))
+        return Response(body, status_code=status, media_type="application/json")
 
     return app
 
@@ -563,6 +801,8 @@ ENV_MODEL = "RECFLOW_SERVE_MODEL"
 ENV_POLL = "RECFLOW_SERVE_POLL_SECONDS"
 ENV_ALLOW_UNVERIFIED = "RECFLOW_SERVE_ALLOW_UNVERIFIED"
 ENV_MAX_HISTORY = "RECFLOW_SERVE_MAX_HISTORY"
+ENV_LOG_DIR = "RECFLOW_SERVE_LOG_DIR"
+ENV_EXPERIMENT = "RECFLOW_SERVE_EXPERIMENT"
 
 
 def app_from_env() -> FastAPI:
@@ -574,6 +814,8 @@ def app_from_env() -> FastAPI:
         poll_seconds=float(os.environ.get(ENV_POLL, "2.0")),
         allow_unverified=os.environ.get(ENV_ALLOW_UNVERIFIED) == "1",
         max_history=int(max_history) if max_history else None,
+        log_dir=Path(os.environ[ENV_LOG_DIR]) if os.environ.get(ENV_LOG_DIR) else None,
+        experiment_id=os.environ.get(ENV_EXPERIMENT) or None,
     )
     tune_gc_for_serving()
     return app
