@@ -465,6 +465,9 @@ def serve(
     poll_seconds: Annotated[float, typer.Option("--poll-seconds", min=0.0, help="how often to look for a new champion (0: never)")] = 2.0,
     max_history: Annotated[int | None, typer.Option("--max-history", min=1, help="longest accepted history (default 10 x max_seq_length)")] = None,
     allow_unverified: Annotated[bool, typer.Option("--allow-unverified", help=f"serve versions that have no {CHECKSUMS_FILE}")] = False,
+    arm: Annotated[list[str] | None, typer.Option("--arm", help="A/B arm ENTRY[:VERSION]=WEIGHT (repeatable; version: the entry's champion); needs --log-dir")] = None,
+    shadow: Annotated[list[str] | None, typer.Option("--shadow", help="ENTRY[:VERSION] scored on every request and logged, never returned (repeatable); needs --log-dir")] = None,
+    log_dir: Annotated[Path | None, typer.Option("--log-dir", help="outcome log, experiment record and assignment key (docs/serving-experiments.md)")] = None,
 ) -> None:
     """Serve the champion over HTTP: POST /recommendations, GET /healthz, docs at /docs; hot-swaps new champions."""
     import uvicorn
@@ -474,6 +477,11 @@ def serve(
 
     if not registry.is_dir():
         _fail(f"no registry folder {registry} (pass --registry DIR)")
+    try:
+        model, experiment_id = _serve_experiment(model, arm or [], shadow or [], log_dir)
+    except RecflowError as exc:
+        _fail(str(exc))
+        return
     if model is None:
         entries = serving.list_entries(registry)
         if len(entries) != 1:
@@ -482,7 +490,7 @@ def serve(
     try:
         # Loaded (and checksum-verified) here, before any port is bound, so a bad champion is one line.
         web = serving.create_app(registry, model, poll_seconds=poll_seconds, allow_unverified=allow_unverified,
-                                 max_history=max_history)
+                                 max_history=max_history, log_dir=log_dir, experiment_id=experiment_id)
     except RecflowError as exc:
         _fail(str(exc))
         return
@@ -502,7 +510,72 @@ def serve(
                    serving.ENV_POLL: str(poll_seconds), serving.ENV_ALLOW_UNVERIFIED: "1" if allow_unverified else "0"}
     if max_history is not None:
         os.environ[serving.ENV_MAX_HISTORY] = str(max_history)
+    if log_dir is not None:
+        os.environ[serving.ENV_LOG_DIR] = str(log_dir.resolve())
+    if experiment_id is not None:
+        os.environ[serving.ENV_EXPERIMENT] = experiment_id
     uvicorn.run("core.serving.app:app_from_env", factory=True, workers=workers, **common)
+
+
+def _serve_experiment(model: str | None, arms: list[str], shadows: list[str],
+                      log_dir: Path | None) -> tuple[str | None, str | None]:
+    """(the --model to serve, the experiment id) for `recflow serve`; starts or resumes the experiment record."""
+    from core.serving.arms import ArmSpec, ExperimentStore, parse_arm
+
+    if not (arms or shadows):
+        if log_dir is not None:  # the record must not claim an experiment this server does not run
+            store = ExperimentStore(log_dir)
+            running = store.load()
+            if running is not None and running.running:
+                store.stop_running("recflow serve started without --arm/--shadow")
+                typer.echo(f"experiment {running.id} stopped (this serve has no --arm/--shadow)", err=True)
+        return model, None
+    if log_dir is None:
+        _fail("--arm and --shadow need --log-dir DIR (the experiment record and the outcome log live there)")
+    specs = [parse_arm(a) for a in arms] + [parse_arm(s, shadow=True) for s in shadows]
+    if model is None:
+        model = specs[0].entry  # the first arm's entry: its champion answers requests without a session
+    if not arms:  # shadow mode: the champion is the one live arm
+        specs.insert(0, ArmSpec(name=model, entry=model, version=None, weight=1.0))
+    experiment, resumed = ExperimentStore(log_dir).start_or_resume(specs)
+    live = ", ".join(f"{a.name}={a.weight:g}" for a in experiment.arms if not a.shadow)
+    shadowed = ", ".join(a.name for a in experiment.arms if a.shadow)
+    typer.echo(f"experiment {experiment.id} {'resumed' if resumed else 'started'}: {live}"
+               f"{f'; shadow: {shadowed}' if shadowed else ''}; log: {log_dir}", err=True)
+    return model, experiment.id
+
+
+@app.command()
+def experiment(
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="the --log-dir of the running recflow serve")],
+    weight: Annotated[list[str] | None, typer.Option("--weight", help="ARM=WEIGHT: new weight of a live arm (repeatable; 0 pauses it)")] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="kill switch: stop the experiment, everyone gets the champion")] = False,
+) -> None:
+    """Show, re-weight or stop the A/B experiment of a running `recflow serve` (no restart: it re-reads the record)."""
+    from core.errors import RecflowError
+    from core.serving.arms import ExperimentStore, parse_weight
+
+    store = ExperimentStore(log_dir)
+    try:
+        if weight and stop:
+            _fail("pass --weight or --stop, not both")
+        if stop:
+            exp = store.stop_running("recflow experiment --stop")
+        elif weight:
+            exp = store.set_weights(dict(parse_weight(w) for w in weight))
+        else:
+            exp = store.load()
+    except RecflowError as exc:
+        _fail(str(exc))
+        return
+    if exp is None:
+        _fail(f"no experiment record in {log_dir}")
+        return
+    state = f"stopped at {exp.stopped_at}" if exp.stopped_at else "running"
+    typer.echo(f"experiment {exp.id} ({state}; started {exp.started_at})")
+    for a in exp.arms:
+        target = f"{a.entry}:{a.version}" if a.version else f"{a.entry} (champion)"
+        typer.echo(f"  {a.name:<30} {'shadow' if a.shadow else f'weight {a.weight:g}':<14} {target}")
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Data utilities.")
