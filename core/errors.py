@@ -87,6 +87,10 @@ class TrialFailedError(TuningError):
     """One tuning trial failed (diverged, out of memory, ...): Optuna marks it FAIL and the study goes on."""
 
 
+class EnsembleError(RecflowError):
+    """Seed models that cannot form one ensemble: different models, data or configurations, or no checkpoint."""
+
+
 class BadRequestError(RecflowError):
     """A serving request the server refuses; ``status`` is the HTTP status, ``detail`` the reason sent back."""
 

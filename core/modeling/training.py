@@ -39,6 +39,7 @@ from core.errors import TrainingError
 from core.modeling import batch_finder, tracking
 from core.modeling import recbole_adapter as rb
 from core.modeling.dataset import RecBoleData, check_data, load_recbole_data
+from core.modeling.ensemble_model import is_ensemble_checkpoint, load_ensemble
 from core.modeling.runtime import oom_kind
 from core.modeling.seq_objectives import AllPositionLoss, all_position_kind
 from core.modeling.trainer_mixin import make_trainer
@@ -159,8 +160,20 @@ def build_model(data: RecBoleData) -> torch.nn.Module:
 
 
 def load_trained(data: RecBoleData, checkpoint: Path) -> torch.nn.Module:
-    model = build_model(data)
+    """The trained model in ``checkpoint``, built on ``data``, in eval mode.
+
+    Args:
+        data: the RecBole data the model was trained on.
+        checkpoint: a RecBole checkpoint (``train``'s ``best.pth``) or an ensemble's
+            (``core.modeling.ensemble_model``: an ``EnsembleModel`` of its members comes back).
+
+    Returns:
+        The model, ready to score.
+    """
     state = rb.load_checkpoint(checkpoint, data.config["device"])
+    if is_ensemble_checkpoint(state):
+        return load_ensemble(state, lambda: build_model(data), str(data.config["model"])).to(data.config["device"])
+    model = build_model(data)
     model.load_state_dict(state["state_dict"])
     model.load_other_parameter(state.get("other_parameter"))
     model.eval()
