@@ -626,6 +626,8 @@ def deploy(
     gpu: Annotated[str, typer.Option("--gpu", help="CUDA_VISIBLE_DEVICES for the runs, e.g. 0 or 0,1")] = "0",
     project_dir: Annotated[Path | None, typer.Option("--project-dir", help="checkout (or, with recflow installed, working directory) on the worker host (default: this checkout, else the current directory)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="config override KEY=VALUE, e.g. training.epochs=5 (repeatable)")] = None,
+    trial_pool: Annotated[list[str] | None, typer.Option("--trial-pool", help="GPU pool that gets a tuning-trial deployment for `recflow tune --pool` (repeatable; default: --pool)")] = None,
+    driver_pool: Annotated[str, typer.Option("--driver-pool", help="process pool of the tuning-pipeline/tune deployment (no GPU, no concurrency limit)")] = "cpu",
 ) -> None:
     """Create or update the `gpu` work pool and the training-pipeline/nightly and /adhoc deployments."""
     import yaml
@@ -648,7 +650,8 @@ def deploy(
             _fail(f"--set {item!r} must look like KEY=VALUE, e.g. training.epochs=5")
         overrides[key.strip()] = yaml.safe_load(value)
     settings = DeploySettings(api_url=api_url, pool=pool, config_path=config, cron=cron, timezone=timezone,
-                              gpu=gpu, project_dir=project_dir or CHECKOUT or Path.cwd(), overrides=overrides)
+                              gpu=gpu, project_dir=project_dir or CHECKOUT or Path.cwd(), overrides=overrides,
+                              trial_pools=tuple(trial_pool or ()), driver_pool=driver_pool)
     try:
         result = run_deploy(settings)
     except RecflowError as exc:
@@ -657,9 +660,11 @@ def deploy(
     typer.echo(f"work pool {result.pool!r} ({'created' if result.pool_created else 'updated'}; process, concurrency 1) "
                f"at {result.api_url}")
     for name, dep_id in result.deployments.items():
-        typer.echo(f"deployment training-pipeline/{name}: {dep_id}")
+        typer.echo(f"deployment {name}: {dep_id}")
     typer.echo(f"nightly: '{cron}' ({timezone}); runs {result.entrypoint} in {result.project_dir} on the worker host")
     typer.echo(f"start a worker on the GPU host: PREFECT_API_URL={result.api_url} prefect worker start --pool {result.pool}")
+    typer.echo(f"tuning: trials on {', '.join(result.trial_pools)} (a worker per pool); the tune deployment's driver on "
+               f"{result.driver_pool}: prefect worker start --pool {result.driver_pool}")
 
 
 # --- the production host (SFTP; core/release/shipping/sftp.py) -----------------------------------------

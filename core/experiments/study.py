@@ -245,24 +245,45 @@ class _FailureGuard:
             self.in_a_row = 0
 
 
-def optimize(study: Any, objective: Callable[[Any], float], settings: StudySettings) -> int:
+def optimize(study: Any, objective: Callable[[Any], float], settings: StudySettings, n_jobs: int = 1) -> int:
     """Run trials until the study holds ``settings.trials`` complete + pruned trials (counted across
     every process sharing it), or ``timeout_minutes`` pass. Returns how many trials this call ran.
-    Re-running a finished study starts nothing."""
+    Re-running a finished study starts nothing.
+
+    Args:
+        study: the Optuna study (``open_study``).
+        objective: Optuna's objective (``make_objective``).
+        settings: the study's settings.
+        n_jobs: trials run at once, in threads (one per work pool slot when trials run on pools).
+
+    Returns:
+        How many trials this call ran to an end.
+    """
+    import time
+
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    if counted_trials(study) >= settings.trials:
-        return 0
     guard = _FailureGuard(MAX_FAILURES_IN_A_ROW)
-    timeout = settings.timeout_minutes * 60 if settings.timeout_minutes else None
-    study.optimize(
-        objective,
-        timeout=timeout,
-        callbacks=[MaxTrialsCallback(settings.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)), guard],
-        catch=(TrialFailedError,),
-        gc_after_trial=True,
-    )
-    if guard.in_a_row >= guard.limit:
-        raise TuningError(f"{guard.limit} trials failed in a row, stopping the study: {guard.last_error}")
+    deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
+    # Each round asks for only the trials still missing, so parallel threads do not start extra
+    # ones past --trials; failed trials do not count, so a round short of the goal is followed by another.
+    while (missing := settings.trials - counted_trials(study)) > 0:
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            break
+        ran = guard.ran
+        study.optimize(
+            objective,
+            n_trials=missing,
+            timeout=timeout,
+            n_jobs=n_jobs,
+            callbacks=[MaxTrialsCallback(settings.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)), guard],
+            catch=(TrialFailedError,),
+            gc_after_trial=True,
+        )
+        if guard.in_a_row >= guard.limit:
+            raise TuningError(f"{guard.limit} trials failed in a row, stopping the study: {guard.last_error}")
+        if guard.ran == ran:  # stopped before any trial ended (timeout, or another process finished the study)
+            break
     return guard.ran
