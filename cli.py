@@ -316,6 +316,8 @@ def tune(
     promote: Annotated[bool, typer.Option("--promote", help="send the best model through the champion gate and registry")] = False,
     register_top: Annotated[int, typer.Option("--register-top", min=0, help="register the N best trials' models as variants (for A/B tests)")] = 0,
     gpu_cost_per_hour: Annotated[float | None, typer.Option("--gpu-cost-per-hour", min=0, help="price of a GPU-hour (a core-hour on CPU): the leaderboard's cost column")] = None,
+    heartbeat_seconds: Annotated[int, typer.Option("--heartbeat-seconds", help="seconds between a running trial's heartbeats in the study storage")] = 60,
+    grace_seconds: Annotated[int, typer.Option("--grace-seconds", help="a trial silent this long (its worker died) is failed and its parameters queued again")] = 180,
     data: _DataOpt = None,
     user_col: _UserColOpt = None,
     item_col: _ItemColOpt = None,
@@ -351,7 +353,8 @@ def tune(
         settings = StudySettings(name=study, root=studies_dir, trials=trials, timeout_minutes=timeout,
                                  trial_minutes=trial_minutes, pruner=pruner, storage_env=storage_env, seeds=seeds,
                                  pools=pool or [], promote=promote, register_top=register_top,
-                                 gpu_cost_per_hour=gpu_cost_per_hour)
+                                 gpu_cost_per_hour=gpu_cost_per_hour, heartbeat_seconds=heartbeat_seconds,
+                                 grace_seconds=grace_seconds)
         cfg = _load_run_config(config, overrides, dsn, dsn_env)
         search = load_space(space)
         check_space(search, cfg)

@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from core.config import PipelineConfig
 from core.errors import ConfigError, TrialFailedError, TuningError
@@ -32,9 +33,12 @@ log = logging.getLogger("recflow.tuning")
 STUDY_DB = "study.db"
 DATA_DIR = "data"  # studies/<name>/data/: the snapshot, validation report and split every trial shares
 SPLITS_FILE = "splits.json"
-# Seconds between a running trial's heartbeats, and the silence after which it counts as dead.
+# Default seconds between a running trial's heartbeats, and the silence after which it counts
+# as dead (StudySettings.heartbeat_seconds / grace_seconds).
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180
+# Opening the storage: tries while other workers create the same tables at the same moment.
+SCHEMA_ATTEMPTS = 4
 # Trials failing one after another in this process: the search itself is broken; stop and say so.
 MAX_FAILURES_IN_A_ROW = 3
 
@@ -65,12 +69,27 @@ class StudySettings(BaseModel):
     register_top: int = Field(default=0, ge=0, description="register the N best trials' models as variants")
     gpu_cost_per_hour: float | None = Field(default=None, ge=0, description="price of a GPU-hour (core-hour "
                                                                            "on CPU) for the cost column")
+    # A worker's trial beats every heartbeat_seconds; silent for grace_seconds, it is dead (FAIL,
+    # its parameters queued again). Short values suit a test; on shared hosts keep the grace long
+    # enough to ride out a stalled disk or network.
+    heartbeat_seconds: int = Field(default=HEARTBEAT_SECONDS, ge=1, description="seconds between a running "
+                                                                              "trial's heartbeats")
+    grace_seconds: int = Field(default=GRACE_SECONDS, ge=1, description="a trial silent this long is failed "
+                                                                      "and its parameters queued again")
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
             raise ValueError(f"study name {v!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
+        return v
+
+    @field_validator("grace_seconds")
+    @classmethod
+    def _grace_above_heartbeat(cls, v: int, info: ValidationInfo) -> int:
+        beat = info.data.get("heartbeat_seconds")
+        if beat is not None and v <= beat:
+            raise ValueError(f"{v} s must exceed the heartbeat interval ({beat} s), or live trials look dead")
         return v
 
     @property
@@ -128,20 +147,34 @@ def make_storage(settings: StudySettings) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=_StaleTrialCallback(retry),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            )
-    except Exception as exc:  # sqlalchemy: bad URL, missing driver, refused connection, bad credentials
-        where = f"${settings.storage_env}" if settings.storage_env else "the study database"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot open {where} ({_redact(url)}): {first}") from None
+    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=settings.heartbeat_seconds,
+                    grace_period=settings.grace_seconds,
+                    heartbeat_stale_trial_callback=_StaleTrialCallback(retry),
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                )
+        except Exception as exc:  # sqlalchemy: bad URL, missing driver, refused connection, bad credentials
+            if attempt < SCHEMA_ATTEMPTS and _lost_schema_race(exc):
+                time.sleep(0.5 * attempt)  # another worker is creating Optuna's tables: they exist next time
+                continue
+            where = f"${settings.storage_env}" if settings.storage_env else "the study database"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot open {where} ({_redact(url)}): {first}") from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _lost_schema_race(exc: Exception) -> bool:
+    """Workers started together on an empty database all create Optuna's tables; all but one
+    hit a duplicate-table (or duplicate type) error, and simply open the storage again."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    text = str(exc).lower()
+    return isinstance(exc, IntegrityError | ProgrammingError) and ("already exists" in text or "duplicate" in text)
 
 
 class _StaleTrialCallback:
@@ -177,7 +210,10 @@ def open_study(settings: StudySettings, *, direction: Literal["maximize", "minim
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(settings)
-    sampler = optuna.samplers.TPESampler(seed=settings.seed)
+    from core.experiments.sampler import TrialSeededTPESampler
+
+    # Seeded per trial number: workers sharing the study with one --seed draw different points.
+    sampler = TrialSeededTPESampler(settings.seed)
     pruner = make_pruner(settings)
     if direction is None:
         try:
