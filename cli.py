@@ -307,7 +307,7 @@ def tune(
     trials: Annotated[int, typer.Option("--trials", min=1, help="total complete + pruned trials of the study, across every process")],
     config: _ConfigFileOpt = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="minutes: this process starts no trial after")] = None,
-    trial_minutes: Annotated[float, typer.Option("--trial-minutes", help="training time cap of each trial")] = 10.0,
+    trial_minutes: Annotated[float | None, typer.Option("--trial-minutes", help="training time cap of each trial; default: --timeout shared among the trials and seed repeats, else 10")] = None,
     pruner: Annotated[str, typer.Option("--pruner", help="median|hyperband|none: stop trials whose valid metric lags")] = "median",
     storage_env: Annotated[str | None, typer.Option("--storage-env", help="env var holding the study database URL (PostgreSQL for several hosts); default: SQLite in studies/<name>/")] = None,
     studies_dir: Annotated[Path, typer.Option("--studies-dir", help="where study folders go")] = Path("studies"),
@@ -347,6 +347,7 @@ def tune(
     ) | {"training.epochs": epochs, "training.device": device}
     try:
         from core.data.extract import preflight
+        from core.experiments.seeds import search_settings
         from core.experiments.space import check_space, load_space
         from core.experiments.study import StudySettings, open_study, study_direction, study_fingerprint
 
@@ -355,6 +356,7 @@ def tune(
                                  pools=pool or [], promote=promote, register_top=register_top,
                                  gpu_cost_per_hour=gpu_cost_per_hour, heartbeat_seconds=heartbeat_seconds,
                                  grace_seconds=grace_seconds)
+        search_settings(settings)  # --timeout leaves time for the --seeds repeats
         cfg = _load_run_config(config, overrides, dsn, dsn_env)
         search = load_space(space)
         check_space(search, cfg)
@@ -392,7 +394,7 @@ def _print_study(report: Any) -> None:
     for name in ("trial", "state", "valid", "test", "epochs", "min"):
         table.add_column(name, justify="left" if name == "state" else "right", no_wrap=True)
     table.add_column("parameters", overflow="fold")
-    fixed = {"trial", "state", f"valid_{metric}", f"test_{metric}", "epochs", "minutes", "device", "core_hours",
+    fixed = {"trial", "state", "preset", "cost", f"valid_{metric}", f"test_{metric}", "epochs", "minutes", "device", "core_hours",
              "gpu_hours", "stop_reason", "error"}
 
     def num(v: Any, fmt: str) -> str:
@@ -401,14 +403,25 @@ def _print_study(report: Any) -> None:
     for row in report.leaderboard[:20]:
         params = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
                            for k, v in row.items() if k not in fixed)
-        table.add_row(str(row["trial"]), row["state"].lower(), num(row[f"valid_{metric}"], ".4f"),
+        table.add_row(f"{row['trial']}{' preset' if row.get('preset') else ''}", row["state"].lower(), num(row[f"valid_{metric}"], ".4f"),
                       num(row[f"test_{metric}"], ".4f"), num(row["epochs"], "d"), num(row["minutes"], ".1f"), params)
     # Piped output gets rich's 80 columns otherwise, and the parameters fold into slivers.
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if len(report.leaderboard) > 20:
         typer.echo(f"... {len(report.leaderboard) - 20} more in the CSV")
     cost = f"{report.gpu_hours:.3f} GPU-hours" if report.gpu_hours else f"{report.core_hours:.3f} core-hours"
-    typer.echo(f"{report.minutes:.1f} trial-minutes, {cost}")
+    money = f", cost {report.cost:.2f} at the given price per hour" if report.cost is not None else ""
+    typer.echo(f"{report.minutes:.1f} trial-minutes, {cost}{money}")
+    if report.seeds is not None:
+        from core.experiments.seeds import format_summary
+
+        s = report.seeds
+        typer.echo(f"seed repeats, test {s.metric} (seeds {', '.join(map(str, s.best.seeds))}):")
+        typer.echo(f"  preset: {format_summary(s.preset)}")
+        typer.echo(f"  best:   {format_summary(s.best)}")
+        typer.echo(f"  {s.verdict}")
+    for version in report.registered:
+        typer.echo(f"registered: {version}")
     typer.echo(f"leaderboard: {report.leaderboard_csv}")
     for png in report.plots:
         typer.echo(f"plot: {png}")

@@ -493,6 +493,22 @@ class PipelineConfig(_Strict):
         return f"{self.data_name}-{self.model.name}".lower().replace("_", "-")
 
 
+def default_window_stride(max_seq_length: int) -> int:
+    """training.window_stride when unset: half a window of new targets, half of context."""
+    return max(max_seq_length // 2, 1)
+
+
+def effective_value(config: PipelineConfig, path: str) -> Any:
+    """The value a dotted config key takes in a run: the config's own, or what an unset (None)
+    key resolves to at training time (so a tuning study can recognise the preset's values)."""
+    node: Any = config.model_dump(mode="json")
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is None and path == "training.window_stride":
+        return default_window_stride(config.dataset.max_seq_length)
+    return node
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     parts = []
     for e in err.errors():

@@ -8,7 +8,9 @@ finished ``training-pipeline`` run; deployments/README.md has the whole recipe. 
 
 writes ``adhoc-run-form.png`` (the ad-hoc deployment's typed parameter form),
 ``nightly-upcoming.png`` (the nightly deployment: its schedule and next runs), and the latest
-completed run's ``gate-artifact.png`` and ``metrics-artifact.png``. Artifacts are shot on their
+completed run's ``gate-artifact.png`` and ``metrics-artifact.png``; and, from the latest completed
+``tuning-pipeline`` run (``recflow tune``), ``tuning-leaderboard.png``, ``tuning-seeds.png`` and
+``tuning-plots.png`` (``--only tuning`` shoots just those). Artifacts are shot on their
 own pages: the flow-run page ignores ``?tab=Artifacts`` on first load (it opens on Logs).
 """
 
@@ -60,6 +62,38 @@ def pages(api_url: str) -> dict[str, tuple[str, str]]:
     }
 
 
+TUNING_FLOW = "tuning-pipeline"
+# Artifact key suffix (tasks/tune.py: tuning-<study>-<suffix>) -> screenshot file and window size.
+TUNING_SHOTS = {
+    "leaderboard": ("tuning-leaderboard.png", "1400,1100"),
+    "seeds": ("tuning-seeds.png", "1400,700"),
+    "plots": ("tuning-plots.png", "1400,2200"),
+}
+
+
+def tuning_pages(api_url: str) -> dict[str, tuple[str, str]]:
+    """The latest completed ``recflow tune`` run's artifacts: leaderboard, seed comparison, plots."""
+    ui = api_url.rstrip("/").removesuffix("/api")
+    runs = _api(api_url, "POST", "/flow_runs/filter", {
+        "flows": {"name": {"any_": [TUNING_FLOW]}},
+        "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+        "sort": "END_TIME_DESC",
+        "limit": 1,
+    })
+    if not runs:
+        raise SystemExit(f"no completed {TUNING_FLOW} run on {api_url}: run `recflow tune` against it first")
+    artifacts = _api(api_url, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [runs[0]["id"]]}}})
+    out = {}
+    for a in artifacts:
+        suffix = (a.get("key") or "").rsplit("-", 1)[-1]
+        if suffix in TUNING_SHOTS:
+            name, size = TUNING_SHOTS[suffix]
+            out[name] = (f"{ui}/artifacts/artifact/{a['id']}", size)
+    if not out:
+        raise SystemExit(f"run {runs[0]['name']} has no tuning artifact")
+    return out
+
+
 def shoot(url: str, path: Path, chromium: str, size: str = "1400,1000") -> None:
     subprocess.run(
         # Reduced motion + compositing before the shot: without them the UI's fade-in is caught halfway.
@@ -75,13 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-url", default=os.environ.get("PREFECT_API_URL"), help="default: PREFECT_API_URL")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
+    parser.add_argument("--only", choices=["training", "tuning", "all"], default="all",
+                        help="training: deployments and the training run's artifacts; tuning: the tuning run's")
     args = parser.parse_args(argv)
     if not args.api_url:
         raise SystemExit("pass --api-url http://HOST:PORT/api or set PREFECT_API_URL")
     if not args.chromium:
         raise SystemExit("chromium not found: apt-get install -y chromium, or pass --chromium PATH")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, (url, size) in pages(args.api_url).items():
+    shots = {**(pages(args.api_url) if args.only in ("training", "all") else {}),
+             **(tuning_pages(args.api_url) if args.only in ("tuning", "all") else {})}
+    for name, (url, size) in shots.items():
         shoot(url, args.out / name, args.chromium, size)
         print(f"{args.out / name}  <-  {url}", file=sys.stdout)
 

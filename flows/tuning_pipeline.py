@@ -17,14 +17,25 @@ from prefect import flow
 import flows  # noqa: F401  (Prefect environment defaults)
 from core.config import PipelineConfig
 from core.experiments.report import StudyReport
+from core.experiments.seeds import search_settings
 from core.experiments.space import SearchSpace
-from core.experiments.study import StudySettings, open_study, optimize
+from core.experiments.study import StudySettings, open_study, optimize, stored_snapshot
 from core.experiments.trial import TrialOutcome, make_objective
 from core.records import DatasetSplits
 from flows._stages import stage
+from flows.release_pipeline import release_model
 from flows.tuning_dispatch import trial_runner
 from tasks.extract import extract_task
-from tasks.tune import build_study_data_task, prepare_study_task, report_task, trial_task
+from tasks.tune import (
+    build_study_data_task,
+    compare_seeds_task,
+    prepare_study_task,
+    release_candidates_task,
+    report_task,
+    seed_plan_task,
+    seed_run_task,
+    trial_task,
+)
 from tasks.validate import validate_task
 
 
@@ -48,6 +59,19 @@ def tuning_pipeline(config: PipelineConfig, space: SearchSpace, settings: StudyS
     with stage("tune", settings.dir):
         # Optuna drives; each trial it asks for runs as a subflow (a failed one is a FAIL trial).
         runner, n_jobs = trial_runner(settings, config, local=tuning_trial)  # --pool: one flow run per pool slot
-        optimize(open_study(settings), make_objective(config, space, splits, settings, runner=runner), settings, n_jobs)
+        optimize(open_study(settings), make_objective(config, space, splits, settings, runner=runner),
+                 search_settings(settings), n_jobs)
+    comparison = None
+    if settings.seeds:  # the preset and the best configuration, over the same seeds
+        with stage("seeds", settings.dir):
+            jobs = seed_plan_task(config, space, settings)
+            comparison = compare_seeds_task(config, jobs, [seed_run_task(j, config, splits, settings) for j in jobs],
+                                            settings)
+    registered: list[str] = []
+    if settings.promote or settings.register_top:  # through the same gate and registry as a training run
+        snapshot = stored_snapshot(settings)
+        for c in release_candidates_task(settings, comparison):
+            p = release_model(c.config(), snapshot, splits, c.trained(), c.run_dir, c.label, c.promote)
+            registered.append(f"{p.model_name}/{p.version}" + (" (champion)" if p.promoted else ""))
     with stage("report", settings.dir):
-        return report_task(config, settings)
+        return report_task(config, settings, comparison, registered)

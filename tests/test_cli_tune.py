@@ -82,6 +82,7 @@ def test_a_bad_storage_url(tmp_path: Path) -> None:
         (["--trial-minutes", "0"], "--trial-minutes: Input should be greater than 0"),
         (["--config", "ml-100k-nope"], "config file not found: ml-100k-nope"),
         (["--data", "missing.csv"], "missing.csv"),
+        (["--seeds", "3", "--timeout", "5", "--trial-minutes", "2"], "--timeout 5 leaves no time to search"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], needle: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from core.config import PipelineConfig, dump_config
+from core.experiments.seeds import SeedComparison
 from core.experiments.space import apply_overrides
 from core.experiments.study import StudySettings
 
@@ -50,11 +51,16 @@ class StudyReport(BaseModel):
     minutes: float = 0.0
     core_hours: float = 0.0
     gpu_hours: float = 0.0
+    cost: float | None = Field(default=None, description="GPU-hours (core-hours on CPU) x --gpu-cost-per-hour")
     removed_dirs: list[Path] = Field(default_factory=list)
+    seeds: SeedComparison | None = Field(default=None, description="preset vs best over the same seeds")
+    registered: list[str] = Field(default_factory=list, description="entry/version registered by --promote, "
+                                                                    "--register-top")
 
 
-def leaderboard(study: Any, metric: str) -> list[dict[str, Any]]:
-    """One row per trial, best first: complete trials by value, then pruned, then the rest."""
+def leaderboard(study: Any, metric: str, cost_per_hour: float | None = None) -> list[dict[str, Any]]:
+    """One row per trial, best first: complete trials by value, then pruned, then the rest.
+    ``cost_per_hour`` adds a cost column: GPU-hours (core-hours on CPU) times the price."""
     maximize = study.direction.name == "MAXIMIZE"
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -69,7 +75,9 @@ def leaderboard(study: Any, metric: str) -> list[dict[str, Any]]:
             "device": a.get("device"),
             "core_hours": a.get("core_hours"),
             "gpu_hours": a.get("gpu_hours"),
+            **({"cost": _cost(a, cost_per_hour)} if cost_per_hour is not None else {}),
             "stop_reason": a.get("stop_reason"),
+            "preset": bool(a.get("preset", False)),
             **{k: v for k, v in sorted(t.params.items())},
             "error": a.get("error"),
         })
@@ -80,6 +88,11 @@ def leaderboard(study: Any, metric: str) -> list[dict[str, Any]]:
         return _STATE_ORDER.get(row["state"], 5), score
 
     return sorted(rows, key=key)
+
+
+def _cost(attrs: dict[str, Any], per_hour: float) -> float | None:
+    hours = attrs.get("gpu_hours") if attrs.get("gpu_hours") is not None else attrs.get("core_hours")
+    return None if hours is None else round(float(hours) * per_hour, 4)
 
 
 def write_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -154,7 +167,7 @@ def keep_top_trials(study: Any, settings: StudySettings) -> list[Path]:
 
     rows = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                   key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
-    keep = {t.number for t in rows[: settings.keep_top]}
+    keep = {t.number for t in rows[: max(settings.keep_top, settings.register_top)]}  # --register-top needs them
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     removed = []
     for t in study.get_trials(deepcopy=False, states=finished):
@@ -165,14 +178,15 @@ def keep_top_trials(study: Any, settings: StudySettings) -> list[Path]:
     return removed
 
 
-def report_study(study: Any, base: PipelineConfig, settings: StudySettings) -> StudyReport:
+def report_study(study: Any, base: PipelineConfig, settings: StudySettings,
+                 seeds: SeedComparison | None = None) -> StudyReport:
     """Leaderboard CSV, plots, best.yaml and the top-k trial folders, in ``studies/<name>/``."""
     from optuna.trial import TrialState
 
     out = settings.dir
     out.mkdir(parents=True, exist_ok=True)
     metric = base.evaluation.valid_metric.lower()
-    rows = leaderboard(study, metric)
+    rows = leaderboard(study, metric, settings.gpu_cost_per_hour)
     csv_path = write_leaderboard(rows, out / LEADERBOARD_FILE)
     plots, skipped = write_plots(study, out)
     best = write_best(study, base, out / BEST_FILE)
@@ -187,5 +201,6 @@ def report_study(study: Any, base: PipelineConfig, settings: StudySettings) -> S
         metric=metric, counted=sum(r["state"] in ("COMPLETE", "PRUNED") for r in rows),
         failed=sum(r["state"] == TrialState.FAIL.name for r in rows),
         minutes=total("minutes"), core_hours=total("core_hours"), gpu_hours=total("gpu_hours"),
-        removed_dirs=removed,
+        cost=total("cost") if settings.gpu_cost_per_hour is not None else None,
+        removed_dirs=removed, seeds=seeds,
     )

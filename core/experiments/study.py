@@ -21,24 +21,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from core.config import PipelineConfig
 from core.errors import ConfigError, TrialFailedError, TuningError
 from core.experiments.space import SearchSpace
-from core.records import DatasetSplits
+from core.records import DatasetSplits, Snapshot
 
 log = logging.getLogger("recflow.tuning")
 
 STUDY_DB = "study.db"
 DATA_DIR = "data"  # studies/<name>/data/: the snapshot, validation report and split every trial shares
 SPLITS_FILE = "splits.json"
+SNAPSHOT_FILE = "snapshot.json"  # the Snapshot record of the study's data (for model cards at --promote)
+TRAINED_FILE = "trained.json"  # a trial's or seed run's TrainedModel record, beside its checkpoints
 # Default seconds between a running trial's heartbeats, and the silence after which it counts
 # as dead (StudySettings.heartbeat_seconds / grace_seconds).
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180
 # Opening the storage: tries while other workers create the same tables at the same moment.
 SCHEMA_ATTEMPTS = 4
+DEFAULT_TRIAL_MINUTES = 10.0
+MIN_TRIAL_MINUTES = 0.25
+# Minutes a run spends outside its training cap (data build, evaluation), for time budgets.
+RUN_OVERHEAD_MINUTES = 0.5
 # Trials failing one after another in this process: the search itself is broken; stop and say so.
 MAX_FAILURES_IN_A_ROW = 3
 
@@ -52,7 +58,9 @@ class StudySettings(BaseModel):
     root: Path = Field(default=Path("studies"), description="studies/<name>/ holds the data, trials and results")
     trials: int = Field(ge=1, description="total complete + pruned trials of the study, across processes")
     timeout_minutes: float | None = Field(default=None, gt=0, description="this process starts no trial after this")
-    trial_minutes: float = Field(default=10.0, gt=0, description="training.max_minutes of each trial")
+    trial_minutes: float = Field(default=None, gt=0, validate_default=True,  # type: ignore[assignment]
+                                 description="training.max_minutes of each trial; default: sized so the "
+                                             "trials and seed repeats fit --timeout, else 10")
     pruner: Literal["median", "hyperband", "none"] = "median"
     # Median pruner: compare only once a few trials finished, and never in a trial's first epochs
     # (early valid scores are noisy and say little about where a curve ends).
@@ -76,6 +84,18 @@ class StudySettings(BaseModel):
                                                                               "trial's heartbeats")
     grace_seconds: int = Field(default=GRACE_SECONDS, ge=1, description="a trial silent this long is failed "
                                                                       "and its parameters queued again")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trial_cap(cls, data: Any) -> Any:
+        """No --trial-minutes: with --timeout, share it among every run the study will make (trials,
+        seed repeats and one run of slack), less each run's overhead; without, 10 minutes."""
+        if isinstance(data, dict) and data.get("trial_minutes") is None:
+            timeout, seeds = data.get("timeout_minutes"), int(data.get("seeds") or 0)
+            runs = int(data.get("trials") or 1) + (2 * (seeds - 1) + 1 if seeds else 0)
+            data = data | {"trial_minutes": DEFAULT_TRIAL_MINUTES if timeout is None else
+                           round(max(MIN_TRIAL_MINUTES, float(timeout) / runs - RUN_OVERHEAD_MINUTES), 2)}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -120,6 +140,21 @@ def save_splits(splits: DatasetSplits, settings: StudySettings) -> Path:
     tmp.write_text(splits.model_dump_json(indent=2))
     tmp.replace(path)  # a half-written file would look like a built study
     return path
+
+
+def save_snapshot(snapshot: Snapshot, settings: StudySettings) -> Path:
+    """The study's Snapshot record (source, rows, fingerprint): model cards of registered trials need it."""
+    path = settings.data_dir / SNAPSHOT_FILE
+    path.write_text(snapshot.model_dump_json(indent=2))
+    return path
+
+
+def stored_snapshot(settings: StudySettings) -> Snapshot:
+    path = settings.data_dir / SNAPSHOT_FILE
+    if not path.is_file():
+        raise TuningError(f"study {settings.name!r} has no {SNAPSHOT_FILE} in {settings.data_dir} (made before "
+                          f"--promote existed?): start a new --study to register its models")
+    return Snapshot.model_validate_json(path.read_text())
 
 
 def storage_url(settings: StudySettings) -> str:

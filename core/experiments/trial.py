@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -18,8 +19,8 @@ from pydantic import BaseModel, Field
 from core.config import PipelineConfig, dump_config
 from core.errors import TrialFailedError
 from core.experiments.space import SearchSpace, apply_overrides, sample
-from core.experiments.study import StudySettings, make_pruner, make_storage
-from core.records import DatasetSplits, EpochStats
+from core.experiments.study import TRAINED_FILE, StudySettings, make_pruner, make_storage
+from core.records import DatasetSplits, EpochStats, TrainedModel
 from core.release.artifacts import CONFIG_FILE
 
 
@@ -71,30 +72,37 @@ def attach_trial(settings: StudySettings, number: int) -> Any:
     return optuna.trial.Trial(study, trial_id)
 
 
-def run_trial(config: PipelineConfig, splits: DatasetSplits, settings: StudySettings, number: int) -> TrialOutcome:
-    """Train and evaluate trial ``number`` in ``settings.trial_dir(number)``; its figures go to the
-    trial's user attrs. A pruned trial still has its best checkpoint evaluated, so the leaderboard
-    shows where it stood."""
+class ScoredRun(BaseModel):
+    """A configuration trained and evaluated in one folder: a trial or a seed repeat."""
+
+    valid: float | None
+    test: float | None
+    attrs: dict[str, Any] = Field(default_factory=dict, description="figures and cost, as the leaderboard shows them")
+    trained: TrainedModel
+
+
+def fit_and_score(config: PipelineConfig, splits: DatasetSplits, run_dir: Path,
+                  on_epoch: Callable[[EpochStats], bool] | None = None) -> ScoredRun:
+    """Train ``config`` on the study's split in ``run_dir``, evaluate its best checkpoint on valid
+    and test, and record what it cost (``trained.json`` beside it, so it can be registered later)."""
     import torch
 
     from core.modeling.dataset import load_recbole_data
     from core.modeling.evaluation import ranking_metrics, rating_metrics
     from core.modeling.training import load_trained, train
 
-    trial = attach_trial(settings, number)
-    run_dir = settings.trial_dir(number).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / CONFIG_FILE)
     start = time.perf_counter()
-    # Every trial builds its own RecBole data: model params (and max_seq_length) change the loaders.
+    # Every run builds its own RecBole data: model params (and max_seq_length) change the loaders.
     data = load_recbole_data(config, splits, run_dir / "checkpoints")
-    hook = PruningHook(trial)
-    trained = train(config, splits, run_dir, on_epoch=hook, data=data)
+    trained = train(config, splits, run_dir, on_epoch=on_epoch, data=data)
     model = load_trained(data, trained.checkpoint)
     if config.evaluation.task == "rating":
         valid, test = rating_metrics(data, model)
     else:
         valid, test = ranking_metrics(data, model, trained.checkpoint)
+    (run_dir / TRAINED_FILE).write_text(trained.model_dump_json(indent=2))
     hours = (time.perf_counter() - start) / 3600
     metric = config.evaluation.valid_metric.lower()
     on_gpu = not trained.device.startswith("cpu")
@@ -106,18 +114,29 @@ def run_trial(config: PipelineConfig, splits: DatasetSplits, settings: StudySett
         "best_epoch": trained.best_epoch,
         "minutes": round(hours * 60, 3),
         "device": trained.device,
-        # The cost of a trial in the unit its hardware is billed in: GPU-hours, else core-hours.
+        # The cost of a run in the unit its hardware is billed in: GPU-hours, else core-hours.
         "gpu_hours": round(hours, 5) if on_gpu else None,
         "core_hours": None if on_gpu else round(hours * threads, 5),
-        "stop_reason": "pruned" if hook.pruned_at is not None else trained.stop_reason,
+        "stop_reason": trained.stop_reason,
+        "seed": config.training.seed,
         "run_dir": str(run_dir),
     }
+    return ScoredRun(valid=valid.get(metric), test=test.get(metric), attrs=attrs, trained=trained)
+
+
+def run_trial(config: PipelineConfig, splits: DatasetSplits, settings: StudySettings, number: int) -> TrialOutcome:
+    """Train and evaluate trial ``number`` in ``settings.trial_dir(number)``; its figures go to the
+    trial's user attrs. A pruned trial still has its best checkpoint evaluated, so the leaderboard
+    shows where it stood."""
+    trial = attach_trial(settings, number)
+    hook = PruningHook(trial)
+    run = fit_and_score(config, splits, settings.trial_dir(number).resolve(), on_epoch=hook)
+    attrs = run.attrs | ({"stop_reason": "pruned"} if hook.pruned_at is not None else {})
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
-    value = valid.get(metric)
-    if value is None:
-        raise TrialFailedError(f"trial {number}: no valid {metric} after training")
-    return TrialOutcome(number=number, value=float(value), pruned=hook.pruned_at is not None, attrs=attrs)
+    if run.valid is None:
+        raise TrialFailedError(f"trial {number}: no valid {config.evaluation.valid_metric} after training")
+    return TrialOutcome(number=number, value=float(run.valid), pruned=hook.pruned_at is not None, attrs=attrs)
 
 
 def make_objective(

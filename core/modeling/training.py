@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from core.config import PipelineConfig
+from core.config import PipelineConfig, default_window_stride
 from core.errors import TrainingError
 from core.modeling import batch_finder, tracking
 from core.modeling import recbole_adapter as rb
@@ -566,7 +566,7 @@ def train_loader(config: PipelineConfig, data: RecBoleData, model: torch.nn.Modu
     from core.modeling.window_loader import WindowLoader
 
     max_len = int(data.config["MAX_ITEM_LIST_LENGTH"])
-    stride = min(t.window_stride or max(max_len // 2, 1), max_len)
+    stride = min(t.window_stride or default_window_stride(max_len), max_len)
     # BERT4Rec: its mask_ratio, its mask token (the id after the last item), and the share of
     # windows that predict only their newest item.
     mask = (float(data.config["mask_ratio"] or 0.2), int(model.n_items), BERT4REC_LAST_ONLY) if kind == "masked" else None
