@@ -494,7 +494,7 @@ def serve(
     if not registry.is_dir():
         _fail(f"no registry folder {registry} (pass --registry DIR)")
     try:
-        model, experiment_id = _serve_experiment(model, arm or [], shadow or [], log_dir)
+        model, experiment_id = _serve_experiment(registry, model, arm or [], shadow or [], log_dir)
     except RecflowError as exc:
         _fail(str(exc))
         return
@@ -533,9 +533,10 @@ def serve(
     uvicorn.run("core.serving.app:app_from_env", factory=True, workers=workers, **common)
 
 
-def _serve_experiment(model: str | None, arms: list[str], shadows: list[str],
+def _serve_experiment(registry: Path, model: str | None, arms: list[str], shadows: list[str],
                       log_dir: Path | None) -> tuple[str | None, str | None]:
     """(the --model to serve, the experiment id) for `recflow serve`; starts or resumes the experiment record."""
+    from core.serving.app import list_entries
     from core.serving.arms import ArmSpec, ExperimentStore, parse_arm
 
     if not (arms or shadows):
@@ -553,6 +554,11 @@ def _serve_experiment(model: str | None, arms: list[str], shadows: list[str],
         model = specs[0].entry  # the first arm's entry: its champion answers requests without a session
     if not arms:  # shadow mode: the champion is the one live arm
         specs.insert(0, ArmSpec(name=model, entry=model, version=None, weight=1.0))
+    for spec in specs:  # checked before the record is written (loading them comes next)
+        if not (registry / spec.entry).is_dir():
+            _fail(f"no registry entry {spec.entry!r} in {registry} (entries: {', '.join(list_entries(registry)) or 'none'})")
+        if spec.version and not (registry / spec.entry / spec.version).is_dir():
+            _fail(f"{spec.entry}/{spec.version} does not exist in {registry}")
     experiment, resumed = ExperimentStore(log_dir).start_or_resume(specs)
     live = ", ".join(f"{a.name}={a.weight:g}" for a in experiment.arms if not a.shadow)
     shadowed = ", ".join(a.name for a in experiment.arms if a.shadow)

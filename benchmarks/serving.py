@@ -21,6 +21,12 @@
     connection error counts as an error; the goal is zero. Latency is per request, from
     write to the last body byte.
 
+(c) A/B cost (``--ab``): interleaved rounds of two servers on the same bodies (each with its
+    own ``session``, 10,000 distinct learners by default): plain single-arm serving without a
+    log, then two arms (the champion, and its version pinned as a second arm: two loaded
+    models) with the outcome log on. Reports each round's p99, the median ratio (goal: <= 1.5x,
+    issue 12), the arms' split against the weights (goal: within 2 points) and errors (goal: 0).
+
 Goal (issue 5): >= 1,500 requests/s with p99 <= 20 ms on the 2-core machine; the ratios
 printed are measured / goal (>= 1.00x meets throughput, <= 1.00x meets p99). By Little's
 law a closed loop of C connections at X req/s has a mean latency of C / X, so p99 <= 20 ms
@@ -189,7 +195,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _bodies(version_dir: Path, count: int, seed: int = 0) -> list[bytes]:
+def _bodies(version_dir: Path, count: int, seed: int = 0, sessions: bool = False) -> list[bytes]:
     sig = json.loads((version_dir / "signature.json").read_text())
     items = json.loads((version_dir / "item_ids.json").read_text())[1:]  # no padding
     rng = random.Random(seed)
@@ -200,6 +206,8 @@ def _bodies(version_dir: Path, count: int, seed: int = 0) -> list[bytes]:
         else:
             users = json.loads((version_dir / "user_ids.json").read_text())[1:]
             body = {"user": rng.choice(users), "items": rng.sample(items, 5), "k": 10}
+        if sessions:
+            body["session"] = f"learner-{len(out)}"
         out.append(json.dumps(body, separators=(",", ":")).encode())
     return out
 
@@ -209,8 +217,9 @@ def _requests(bodies: list[bytes]) -> list[bytes]:
             b"Content-Length: " + str(len(b)).encode() + b"\r\n\r\n" + b for b in bodies]
 
 
-async def _load(port: int, reqs: list[bytes], total: int, concurrency: int) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` keep-alive connections, ``total`` requests in all."""
+async def _load(port: int, reqs: list[bytes], total: int, concurrency: int,
+                arms: dict[str, int] | None = None) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` keep-alive connections, ``total`` requests in all; ``arms`` counts answers' arms."""
     counter = itertools.count()
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -226,13 +235,16 @@ async def _load(port: int, reqs: list[bytes], total: int, concurrency: int) -> d
                     status = head[9:12]
                     start = head.lower().index(b"content-length:") + 15
                     length = int(head[start:head.index(b"\r\n", start)])
-                    await reader.readexactly(length)
+                    answer = await reader.readexactly(length)
                 except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                     writer.close()
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
                     continue
                 latencies.append(time.perf_counter() - t0)
+                if arms is not None and (at := answer.find(b'"arm":"')) >= 0:
+                    arm = answer[at + 7:answer.index(b'"', at + 7)].decode()
+                    arms[arm] = arms.get(arm, 0) + 1
                 if status != b"200":
                     key = f"HTTP {status.decode()}"
                     errors[key] = errors.get(key, 0) + 1
@@ -279,16 +291,19 @@ def _cpu_seconds(proc: Any) -> tuple[float, float]:
 
 
 def bench_http(registry: Path, model: str, version_dir: Path, *, total: int, concurrency: int,
-               workers: int, allow_unverified: bool) -> dict[str, Any]:
+               workers: int, allow_unverified: bool, serve_args: tuple[str, ...] = (),
+               bodies: list[bytes] | None = None, arms: dict[str, int] | None = None) -> dict[str, Any]:
     import httpx
     import psutil
 
     port = _free_port()
     cmd = [sys.executable, "-m", "cli", "serve", "--registry", str(registry), "--model", model,
-           "--port", str(port), "--workers", str(workers)]
+           "--port", str(port), "--workers", str(workers), *serve_args]
     if allow_unverified:
         cmd.append("--allow-unverified")
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ}
+    env.setdefault("RECFLOW_PSEUDONYM_KEY", "benchmark-pseudonym-key-not-secret")  # sessions are pseudonymised
+    server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -300,12 +315,12 @@ def bench_http(registry: Path, model: str, version_dir: Path, *, total: int, con
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"error: the server did not start:\n{server.stdout.read() if server.stdout else ''}")
             time.sleep(0.3)
-        reqs = _requests(_bodies(version_dir, 1000))
+        reqs = _requests(bodies or _bodies(version_dir, 1000))
         # Warm-up (not measured): every worker loaded and answering, allocators and caches warm.
-        asyncio.run(_load(port, reqs, min(1000, total), concurrency))
+        asyncio.run(_load(port, reqs[-1000:], min(1000, total), concurrency))
         ps = psutil.Process(server.pid)
         (loop0, other0), client_cpu0 = _cpu_seconds(ps), time.process_time()
-        result = asyncio.run(_load(port, reqs, total, concurrency))
+        result = asyncio.run(_load(port, reqs, total, concurrency, arms))
         loop1, other1 = _cpu_seconds(ps)
         client_cpu = time.process_time() - client_cpu0
         loop_cpu, other_cpu = loop1 - loop0, other1 - other0
@@ -325,6 +340,48 @@ def bench_http(registry: Path, model: str, version_dir: Path, *, total: int, con
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def bench_ab(registry: Path, model: str, version: str, version_dir: Path, *, sessions: int, concurrency: int,
+             workers: int, rounds: int, weight: float, allow_unverified: bool, work: Path) -> dict[str, Any]:
+    """(c): interleaved plain / two-arms-plus-log rounds on the same bodies; p99 ratio, split, errors."""
+    bodies = _bodies(version_dir, sessions, seed=1, sessions=True)
+    pinned = f"{model}:{version}"  # a second arm: the same version pinned, loaded a second time
+    out: dict[str, Any] = {"sessions": sessions, "concurrency": concurrency, "workers": workers,
+                           "weights": {model: weight, pinned: round(1 - weight, 6)}, "rounds": []}
+    for r in range(rounds):
+        plain = bench_http(registry, model, version_dir, total=sessions, concurrency=concurrency, workers=workers,
+                           allow_unverified=allow_unverified, bodies=bodies)
+        arms: dict[str, int] = {}
+        log_dir = work / f"ab-log-{r}"
+        ab = bench_http(registry, model, version_dir, total=sessions, concurrency=concurrency, workers=workers,
+                        allow_unverified=allow_unverified, bodies=bodies, arms=arms,
+                        serve_args=("--arm", f"{model}={weight}", "--arm", f"{pinned}={1 - weight}",
+                                    "--log-dir", str(log_dir)))
+        share = arms.get(model, 0) / max(1, sum(arms.values()))
+        logged = _logged_rows(log_dir)
+        row = {"plain_p99_ms": plain["p99_ms"], "ab_p99_ms": ab["p99_ms"],
+               "plain_rps": plain["requests_per_s"], "ab_rps": ab["requests_per_s"],
+               "p99_ratio": round(ab["p99_ms"] / plain["p99_ms"], 3), "errors": plain["errors"] + ab["errors"],
+               "arms": arms, "share_first_arm": round(share, 4), "split_error_points": round(100 * abs(share - weight), 2),
+               "logged_rows": logged}
+        out["rounds"].append(row)
+        print(f"  round {r + 1}: plain p99 {plain['p99_ms']:.2f} ms ({plain['requests_per_s']:.0f}/s), two arms + log "
+              f"p99 {ab['p99_ms']:.2f} ms ({ab['requests_per_s']:.0f}/s): {row['p99_ratio']:.2f}x; split "
+              f"{share:.4f} vs {weight} ({row['split_error_points']:.2f} points); logged {logged}; "
+              f"errors {row['errors']}", flush=True)
+    ratios = sorted(r["p99_ratio"] for r in out["rounds"])
+    out["median_p99_ratio"] = ratios[len(ratios) // 2]
+    out["max_split_error_points"] = max(r["split_error_points"] for r in out["rounds"])
+    out["errors"] = sum(r["errors"] for r in out["rounds"])
+    return out
+
+
+def _logged_rows(log_dir: Path) -> int:
+    """Rows the A/B server's outcome log holds after its shutdown (one per answer, warm-up included)."""
+    from core.serving.outcome_log import REQUESTS_DIR, REQUESTS_PREFIX, read_log
+
+    return read_log(log_dir / REQUESTS_DIR, REQUESTS_PREFIX).num_rows
 
 
 # --------------------------------------------------------------------------- report
@@ -348,6 +405,10 @@ def main() -> None:
     ap.add_argument("--skip-scorer", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--allow-unverified", action="store_true", help="serve a version without checksums.json")
+    ap.add_argument("--ab", action="store_true", help="(c): interleaved plain vs two arms + outcome log")
+    ap.add_argument("--ab-sessions", type=int, default=10_000, help="distinct learners (= requests) per A/B run")
+    ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved plain / A/B pairs")
+    ap.add_argument("--ab-weight", type=float, default=0.5, help="the first arm's weight (the second: 1 - it)")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
     args = ap.parse_args()
 
@@ -403,6 +464,14 @@ def main() -> None:
                   f"({h['client_cpu_ms_per_request']:.3f} ms/request)")
             print(f"  machine CPU busy (all processes) before/after: {results['machine']['cpu_busy_before_pct']:.0f}% / "
                   f"{_other_cpu_busy():.0f}%")
+        if args.ab:
+            print(f"\n(c) A/B cost: {args.ab_rounds} interleaved rounds, {args.ab_sessions} distinct sessions, "
+                  f"concurrency {args.concurrency}, --workers {args.workers}", flush=True)
+            ab = results["ab"] = bench_ab(registry, model, version, version_dir, sessions=args.ab_sessions,
+                                          concurrency=args.concurrency, workers=args.workers, rounds=args.ab_rounds,
+                                          weight=args.ab_weight, allow_unverified=args.allow_unverified, work=work)
+            print(f"  median p99 ratio {ab['median_p99_ratio']:.2f}x (goal <= 1.5x); worst split error "
+                  f"{ab['max_split_error_points']:.2f} points (goal <= 2); errors {ab['errors']} (goal 0)")
         results["machine"]["cpu_busy_after_pct"] = _other_cpu_busy()
         if args.out:
             args.out.write_text(json.dumps(results, indent=2))

@@ -3,6 +3,8 @@
 - ``POST /recommendations``: top-k items for a history (sequential models) or a user
   (user models), padding and already-seen items excluded; 4xx with a reason otherwise.
 - ``GET /healthz``: what is served, since when, and whether the last hot swap failed.
+- ``POST /events`` and A/B or shadow arms with ``--log-dir`` (``_Experimenting``; arms in
+  ``core.serving.arms``, the Parquet log in ``core.serving.outcome_log``; docs/serving-experiments.md).
 - ``/docs``: OpenAPI UI.
 
 Hot swap: a daemon thread reads the ``champion`` symlink every ``poll_seconds``; when it

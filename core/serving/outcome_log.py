@@ -239,6 +239,7 @@ class ParquetLog:
 
     def _write(self, table: pa.Table) -> Path:
         """Write ``table`` to a temp name, fsync, rename: the file appears complete or not at all."""
+        self.folder.mkdir(parents=True, exist_ok=True)  # also after someone removed it
         final = self.folder / self._next_name()
         tmp = self.folder / f".{final.name}{TEMP_SUFFIX}"
         try:
