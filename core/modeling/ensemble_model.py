@@ -38,7 +38,7 @@ PADDING_SCORE = -1.0e9
 # RecBole model attributes that callers read (export, evaluation); copied from the first member.
 _RECBOLE_ATTRIBUTES = (
     "type", "input_type", "n_items", "n_users", "USER_ID", "ITEM_ID", "NEG_ITEM_ID", "POS_ITEM_ID",
-    "ITEM_SEQ", "ITEM_SEQ_LEN", "max_seq_length", "device",
+    "ITEM_SEQ", "ITEM_SEQ_LEN", "max_seq_length", "device", "mask_token",
 )
 
 __all__ = ["ENSEMBLE_FORMAT", "PADDING_SCORE", "EnsembleModel", "ensemble_checkpoint", "is_ensemble_checkpoint",
@@ -72,6 +72,22 @@ class EnsembleModel(torch.nn.Module):
             if hasattr(first, name):
                 setattr(self, name, getattr(first, name))
         self.member_class = type(first).__name__
+
+    # BERT4Rec members: export swaps ``reconstruct_test_data`` (a per-row Python loop) for a batched
+    # one while tracing, on the model it is given; passed through so every member gets the swap.
+    @property
+    def reconstruct_test_data(self) -> Any:
+        return self.members[0].reconstruct_test_data  # AttributeError for other models: hasattr is False
+
+    @reconstruct_test_data.setter
+    def reconstruct_test_data(self, fn: Any) -> None:
+        for member in self.members:
+            member.reconstruct_test_data = fn
+
+    @reconstruct_test_data.deleter
+    def reconstruct_test_data(self) -> None:
+        for member in self.members:
+            del member.reconstruct_test_data
 
     def member_log_softmax(self, interaction: Any) -> torch.Tensor:
         """Each member's log-softmax over the real items, [K, B, n_items] (column 0: ``PADDING_SCORE``).

@@ -19,19 +19,21 @@ from core.experiments.ensemble import EnsembleResult, build_ensemble
 from core.modeling import recbole_adapter as rb
 from core.modeling.champion_rescore import rescore_champion
 from core.modeling.dataset import RecBoleData, build_dataset, load_recbole_data
-from core.modeling.ensemble_model import PADDING_SCORE, EnsembleModel
+from core.modeling.ensemble_model import PADDING_SCORE, EnsembleModel, is_ensemble_checkpoint
 from core.modeling.evaluation import evaluate
 from core.modeling.export import export_model
 from core.modeling.training import load_trained, train
 from core.records import DatasetSplits, Snapshot
 from core.release.artifacts import CHECKPOINT_FILE, CONFIG_FILE
-from core.release.model_card import build_card
+from core.release.model_card import build_card, write_card
+from core.release.registry import Registry
 from core.serving.scorer import OnnxScorer
 
 pytestmark = pytest.mark.slow  # trains tiny models
 
 SEEDS = (1, 2)
 BPR = {"model.name": "BPR", "model.params": {"embedding_size": 8}, "training.epochs": 1}
+BERT4REC = {"model.name": "BERT4Rec", "training.epochs": 1, "training.objective": "all_positions"}
 
 
 @dataclass
@@ -119,25 +121,37 @@ def test_figures_checkpoint_and_record(built: tuple[EnsembleResult, RecBoleData]
     assert summary["beats_best_member"] == result.beats_best_member and summary["valid"] == result.valid
 
 
-def test_evaluate_export_and_rescore_like_any_version(built: tuple[EnsembleResult, RecBoleData], seeds: Seeds) -> None:
+def test_evaluate_export_register_and_rescore_like_any_version(
+    built: tuple[EnsembleResult, RecBoleData], seeds: Seeds
+) -> None:
     result, data = built
-    out = seeds.root / "ensemble"
-    evaluation = evaluate(seeds.config, seeds.splits, result.trained, out, data=data)
+    config, out = seeds.config, seeds.root / "ensemble"
+    evaluation = evaluate(config, seeds.splits, result.trained, out, data=data)
     assert evaluation.valid == result.valid and evaluation.test == result.test
     assert evaluation.test_seen_masked is not None
-    assert evaluation.gate.candidate == result.test[seeds.config.evaluation.gate_metric.lower()]
-    exported, section = export_model(seeds.config, seeds.splits, result.trained, out, data=data)
+    assert evaluation.gate.candidate == result.test[config.evaluation.gate_metric.lower()]
+    assert evaluation.gate.promote, evaluation.gate.reasons  # the tiny walk is learnt: it beats Pop
+    exported, section = export_model(config, seeds.splits, result.trained, out, data=data)
     assert exported.exported is True, exported.reason
     assert exported.max_abs_diff is not None and exported.max_abs_diff <= 1e-4
     assert exported.top10_agreement == 1.0
-    card = build_card(seeds.config, seeds.snapshot, seeds.splits, result.trained, evaluation, exported, section)
+    card = build_card(config, seeds.snapshot, seeds.splits, result.trained, evaluation, exported, section)
     assert card["model"] == result.trained.model_name
-    # As a champion, its ONNX graph re-scored on the same split gives the metrics torch gave.
-    rescored = rescore_champion(data, out / "export", out / "checkpoints" / "rescore.pth")
+    write_card(card, exported.card_path)
+    # Registered as tasks/register.py registers any version: export files, metrics, config, checkpoint.
+    files = [p for p in sorted(exported.card_path.parent.iterdir()) if p.is_file() and p != exported.card_path]
+    files += [evaluation.metrics_path, out / CONFIG_FILE, result.trained.checkpoint]
+    registry = Registry(config.registry.path)
+    promotion = registry.publish(config.registry_name, registry.new_version(), files, card, evaluation.gate.promote)
+    assert promotion.champion == promotion.version
+    champion_dir = registry.entry(config.registry_name) / promotion.version
+    assert is_ensemble_checkpoint(rb.load_checkpoint(champion_dir / CHECKPOINT_FILE))
+    # As the champion, its verified ONNX graph re-scored on the same split gives the metrics torch gave.
+    rescored = rescore_champion(data, champion_dir, out / "checkpoints" / "rescore.pth")
     assert rescored.keys() == result.test.keys()
     for key, value in result.test.items():
         assert rescored[key] == pytest.approx(value, abs=1e-6), key
-    recs = OnnxScorer(out / "export").recommend(["i1", "i2", "i3"], k=5)
+    recs = OnnxScorer(champion_dir).recommend(["i1", "i2", "i3"], k=5)
     assert len(recs) == 5
 
 
@@ -197,3 +211,17 @@ def test_general_model_ensemble(seeds: Seeds, tmp_path: Path) -> None:
     sasrec_data = load_recbole_data(seeds.config, seeds.splits, out / "checkpoints")
     with pytest.raises(EnsembleError, match="holds BPR members; the data is built for SASRec"):
         load_trained(sasrec_data, result.trained.checkpoint)
+
+
+def test_bert4rec_ensemble_exports_with_parity(seeds: Seeds, tmp_path: Path) -> None:
+    # Export traces a batched form of BERT4Rec's mask-token step; the ensemble hands it to every member.
+    members = [_train_member(tmp_path, seeds.csv, seeds.splits, f"bert-{s}", BERT4REC | {"training.seed": s})
+               for s in SEEDS]
+    config = tiny_config(tmp_path, seeds.csv, BERT4REC)
+    out = tmp_path / "bert-ensemble"
+    data = load_recbole_data(config, seeds.splits, out / "checkpoints")
+    result = build_ensemble(config, seeds.splits, members, out, data=data)
+    exported, _ = export_model(config, seeds.splits, result.trained, out, data=data)
+    assert exported.exported is True, exported.reason
+    assert exported.max_abs_diff is not None and exported.max_abs_diff <= 1e-4
+    assert exported.top10_agreement == 1.0
