@@ -420,6 +420,8 @@ def _print_study(report: Any) -> None:
         typer.echo(f"  preset: {format_summary(s.preset)}")
         typer.echo(f"  best:   {format_summary(s.best)}")
         typer.echo(f"  {s.verdict}")
+    if report.ensemble:
+        typer.echo(report.ensemble)
     for version in report.registered:
         typer.echo(f"registered: {version}")
     typer.echo(f"leaderboard: {report.leaderboard_csv}")

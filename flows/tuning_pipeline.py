@@ -29,6 +29,7 @@ from tasks.extract import extract_task
 from tasks.tune import (
     build_study_data_task,
     compare_seeds_task,
+    ensemble_task,
     prepare_study_task,
     release_candidates_task,
     report_task,
@@ -61,17 +62,18 @@ def tuning_pipeline(config: PipelineConfig, space: SearchSpace, settings: StudyS
         runner, n_jobs = trial_runner(settings, config, local=tuning_trial)  # --pool: one flow run per pool slot
         optimize(open_study(settings), make_objective(config, space, splits, settings, runner=runner),
                  search_settings(settings), n_jobs)
-    comparison = None
-    if settings.seeds:  # the preset and the best configuration, over the same seeds
+    comparison, ensemble, ensemble_line = None, None, None
+    if settings.seeds:  # the preset and the best configuration over the same seeds; the latter's ensemble
         with stage("seeds", settings.dir):
             jobs = seed_plan_task(config, space, settings)
             comparison = compare_seeds_task(config, jobs, [seed_run_task(j, config, splits, settings) for j in jobs],
                                             settings)
+            ensemble, ensemble_line = ensemble_task(comparison, splits, settings)
     registered: list[str] = []
     if settings.promote or settings.register_top:  # through the same gate and registry as a training run
         snapshot = stored_snapshot(settings)
-        for c in release_candidates_task(settings, comparison):
+        for c in release_candidates_task(settings, comparison, [ensemble] if ensemble else []):
             p = release_model(c.config(), snapshot, splits, c.trained(), c.run_dir, c.label, c.promote)
             registered.append(f"{p.model_name}/{p.version}" + (" (champion)" if p.promoted else ""))
     with stage("report", settings.dir):
-        return report_task(config, settings, comparison, registered)
+        return report_task(config, settings, comparison, ensemble_line, registered)

@@ -8,13 +8,15 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from core.config import PipelineConfig, dump_config
+from core.config import PipelineConfig, dump_config, load_config
 from core.experiments import seeds as seed_runs
+from core.experiments.ensemble import build_ensemble
 from core.experiments.promotion import ReleaseCandidate, choose
 from core.experiments.report import BASE_FILE, StudyReport, report_study
 from core.experiments.seeds import SeedComparison, SeedJob
 from core.experiments.space import SearchSpace, check_space
 from core.experiments.study import (
+    TRAINED_FILE,
     StudySettings,
     open_study,
     save_snapshot,
@@ -26,6 +28,7 @@ from core.experiments.study import (
 from core.experiments.trial import ScoredRun, TrialOutcome, run_trial
 from core.modeling.dataset import build_dataset
 from core.records import DatasetSplits, Snapshot
+from core.release.artifacts import CONFIG_FILE
 from tasks._common import artifact_key
 from tasks.train import MAX_EMBEDDED_PNG
 
@@ -113,6 +116,30 @@ def compare_seeds_task(config: PipelineConfig, jobs: list[SeedJob], runs: list[S
     return comparison
 
 
+@task(name="ensemble", cache_policy=NO_CACHE)
+def ensemble_task(comparison: SeedComparison | None, splits: DatasetSplits,
+                  settings: StudySettings) -> tuple[ReleaseCandidate | None, str | None]:
+    """The best configuration's seed models as one model (mean log-softmax); a release candidate
+    (--promote) only if it beats its best member on valid."""
+    logger = get_run_logger()
+    if comparison is None or len(comparison.best.run_dirs) < 2:
+        return None, None
+    members = comparison.best.run_dirs
+    out = (settings.dir / seed_runs.SEEDS_DIR / "ensemble").resolve()
+    result = build_ensemble(load_config(members[0] / CONFIG_FILE), splits, members, out)
+    (out / TRAINED_FILE).write_text(result.trained.model_dump_json(indent=2))
+    metric = result.valid_metric.lower()
+    best = max(m.valid.get(metric, float("-inf")) for m in result.members)
+    line = (f"ensemble of {len(members)} seed models: valid {result.valid[metric]:.4f} (best member {best:.4f}), "
+            f"test {result.test.get(metric, float('nan')):.4f}; "
+            + ("beats its best member (a --promote candidate)" if result.beats_best_member
+               else "does not beat its best member (not registered)"))
+    logger.info(line)
+    if not result.beats_best_member:
+        return None, line
+    return ReleaseCandidate(label="ensemble", run_dir=out, valid=result.valid[metric]), line
+
+
 @task(name="release-candidates", cache_policy=NO_CACHE)
 def release_candidates_task(settings: StudySettings, comparison: SeedComparison | None,
                             extra: list[ReleaseCandidate] | None = None) -> list[ReleaseCandidate]:
@@ -129,10 +156,10 @@ def release_candidates_task(settings: StudySettings, comparison: SeedComparison 
 
 @task(name="report-study", cache_policy=NO_CACHE)
 def report_task(config: PipelineConfig, settings: StudySettings, seeds: SeedComparison | None = None,
-                registered: list[str] | None = None) -> StudyReport:
+                ensemble: str | None = None, registered: list[str] | None = None) -> StudyReport:
     """Leaderboard CSV, plots and best.yaml on disk; the leaderboard and plots as Prefect artifacts."""
     report = report_study(open_study(settings), config, settings, seeds)
-    report.registered = registered or []
+    report.ensemble, report.registered = ensemble, registered or []
     key = artifact_key("tuning", settings.name)
     create_table_artifact(table=report.leaderboard, key=f"{key}-leaderboard",
                           description=f"study {settings.name}: every trial, best first ({report.leaderboard_csv})")

@@ -54,6 +54,7 @@ class StudyReport(BaseModel):
     cost: float | None = Field(default=None, description="GPU-hours (core-hours on CPU) x --gpu-cost-per-hour")
     removed_dirs: list[Path] = Field(default_factory=list)
     seeds: SeedComparison | None = Field(default=None, description="preset vs best over the same seeds")
+    ensemble: str | None = Field(default=None, description="the seed ensemble's figures and verdict, one line")
     registered: list[str] = Field(default_factory=list, description="entry/version registered by --promote, "
                                                                     "--register-top")
 

@@ -88,3 +88,22 @@ def test_a_rerun_repeats_no_seed_run(seeded: Seeded, tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in results} == stamps
     assert again.seeds is not None and again.seeds.best.test == seeded.report.seeds.best.test
     assert json.loads((seeded.settings.dir / SEEDS_DIR / "comparison.json").read_text())["verdict"]
+
+
+def test_the_seed_ensemble_is_built_and_registers_like_any_model(seeded: Seeded) -> None:
+    from core.experiments.promotion import ReleaseCandidate
+    from core.experiments.study import stored_snapshot, stored_splits
+    from core.release.artifacts import CARD_FILE, MODEL_FILE
+    from flows.release_pipeline import release_model
+
+    assert seeded.report.ensemble is not None and seeded.report.ensemble.startswith("ensemble of 2 seed models")
+    folder = seeded.settings.dir / SEEDS_DIR / "ensemble"
+    candidate = ReleaseCandidate(label="ensemble", run_dir=folder, valid=0.0)
+    trained = candidate.trained()
+    assert trained.checkpoint.is_file()
+    promotion = release_model(candidate.config(), stored_snapshot(seeded.settings), stored_splits(seeded.settings),
+                              trained, folder, "ensemble", allow_promote=False)
+    assert not promotion.promoted
+    assert (promotion.version_dir / MODEL_FILE).is_file()  # one ONNX graph holding both members
+    card = json.loads((promotion.version_dir / CARD_FILE).read_text())
+    assert card["export"]["exported"] is True
