@@ -209,9 +209,9 @@ def test_healthz_and_openapi(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/recommendations"]["post"]
     props = op["requestBody"]["content"]["application/json"]["schema"]["properties"]
-    assert set(props) == {"items", "user", "k", "exclude_seen", "ignore_unknown"}
+    assert set(props) == {"items", "user", "session", "k", "exclude_seen", "ignore_unknown"}
     assert {"200", "400", "422"} <= set(op["responses"])
-    assert "/healthz" in spec["paths"]
+    assert {"/healthz", "/events"} <= set(spec["paths"])
     assert client.get("/docs").status_code == 200
 
 
