@@ -353,6 +353,7 @@ class Routing:
     assigner: Assigner | None
     live: Mapping[str, ModelHolder]
     shadows: tuple[tuple[str, ModelHolder], ...]
+    weights: Mapping[str, float] = field(default_factory=dict)  # the live arms' weights, as recorded
 
 
 class ArmRouter:
@@ -421,7 +422,7 @@ class ArmRouter:
             live = {name: self.holders[name] for name in weights}
             assigner = Assigner(self._assignment_key, exp.salt, weights) if sum(weights.values()) > 0 else None
             shadows = tuple((a.name, self.holders[a.name]) for a in exp.arms if a.shadow)
-            routing = Routing(exp.id, assigner, live, shadows)
+            routing = Routing(exp.id, assigner, live, shadows, weights)
         self.last_error = None
         self.routing = routing  # the atomic swap
         return True
