@@ -10,10 +10,14 @@ RecBole loaders and evaluator (same users, same targets, same masking, same metr
   miss for the champion — as it would be in production;
 - sequential champions get each test user's history (unknown items dropped, the last
   ``max_seq_length`` kept); user-based champions score known users, and rank nothing for
-  users new tonight.
+  users new tonight;
+- history champions (EASE, ItemKNN) get each test user's training items tonight (the same
+  row of tonight's ``X`` the candidate scores from; unknown items dropped), so users new
+  tonight are ranked too.
 
-A champion without an ONNX graph (a model that does not export) cannot be re-scored;
-``rescore_champion`` raises ``ChampionNotComparableError`` and the gate falls back to Pop.
+A champion without an ONNX graph (a model that does not export), or a rating (pairs)
+champion, cannot be re-scored here; ``rescore_champion`` raises ``ChampionNotComparableError``
+and the gate falls back to Pop.
 
 The champion's files are read through the artifact contract's verifier
 (``core.release.artifacts.VersionReader``): each is read once and those very bytes, checked
@@ -28,12 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from core.errors import ChampionNotComparable, ChampionNotComparableError, RegistryError
 from core.modeling.dataset import RecBoleData
 from core.modeling.training import make_trainer
 from core.release.artifacts import (
+    HISTORY_INPUT,
     ITEM_SEQ_INPUT,
     ITEM_SEQ_LEN_INPUT,
     ITEM_VOCAB_FILE,
@@ -68,6 +74,9 @@ class _OnnxChampion(torch.nn.Module):
             champ_users = reader.json(USER_VOCAB_FILE) if reader.has(USER_VOCAB_FILE) else []
         except RegistryError as exc:  # checksum mismatch, unreadable or malformed file
             raise ChampionNotComparableError(str(exc)) from None
+        if signature.rates_pairs:
+            raise ChampionNotComparableError(f"champion {champion_dir.name} is a rating model; only ranking "
+                                             "champions are re-scored")
         self.signature: dict[str, Any] = dict(signature.raw)
         self.max_seq_length = signature.max_seq_length
         self.output = signature.output
@@ -79,8 +88,13 @@ class _OnnxChampion(torch.nn.Module):
         if not self.to_champ.any():
             raise ChampionNotComparableError("the champion knows none of tonight's items")
         self.sequential = signature.sequential
+        self.takes_history = signature.takes_history
         self.user_to_champ: np.ndarray | None = None
-        if not self.sequential:
+        self.train_rows: sp.csr_matrix | None = None
+        if self.takes_history:
+            # Tonight's training matrix (user x item counts): what tonight's candidate scores from.
+            self.train_rows = sp.csr_matrix(data.train.dataset.inter_matrix(form="csr"))
+        elif not self.sequential:
             champ_user_index = {tok: i for i, tok in enumerate(champ_users) if i > 0}
             tonight_users = [str(t) for t in ds.field2id_token[ds.uid_field]]
             self.user_to_champ = np.asarray(
@@ -110,9 +124,24 @@ class _OnnxChampion(torch.nn.Module):
             out_len[row] = max(len(recent), 1)
         return {ITEM_SEQ_INPUT: out, ITEM_SEQ_LEN_INPUT: out_len}
 
+    def _history_feed(self, interaction: Any) -> dict[str, np.ndarray]:
+        """Each user's training items tonight in the champion's ids (repeats kept, unknown items dropped)."""
+        assert self.train_rows is not None
+        rows = self.train_rows[interaction[self.user_field].cpu().numpy()]
+        histories = []
+        for r in range(rows.shape[0]):
+            lo, hi = rows.indptr[r], rows.indptr[r + 1]
+            ids = np.repeat(self.to_champ[rows.indices[lo:hi]], np.rint(rows.data[lo:hi]).astype(np.int64))
+            histories.append(ids[ids > 0])
+        out = np.zeros((len(histories), max((len(h) for h in histories), default=0) or 1), dtype=np.int64)
+        for r, ids in enumerate(histories):
+            out[r, : len(ids)] = ids
+        return {HISTORY_INPUT: out}
+
     def full_sort_predict(self, interaction: Any) -> torch.Tensor:
-        if self.sequential:
-            champ_scores = self.session.run([self.output], self._sequential_feed(interaction))[0]
+        if self.sequential or self.takes_history:
+            feed = self._sequential_feed(interaction) if self.sequential else self._history_feed(interaction)
+            champ_scores = self.session.run([self.output], feed)[0]
             known_rows = np.ones(champ_scores.shape[0], dtype=bool)
         else:
             assert self.user_to_champ is not None

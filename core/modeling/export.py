@@ -1,16 +1,24 @@
 """export: ONNX graph, torch-vs-ONNX parity on real test users, latency, vocabularies.
 
 The graph's signature (input/output names, dtypes, shapes) and every file name are the artifact
-contract's (``core.release.artifacts``): inputs ``item_seq`` [B, L] int64 + ``item_seq_len`` [B]
-int64 for sequential models, ``user_id`` [B] int64 otherwise; output ``scores`` [B, n_items]
-over all internal item ids; column 0 is RecBole's padding id and must be masked by the consumer
-(the scorer in ``core.serving`` does).
+contract's (``core.release.artifacts``), by kind:
+
+- ``sequential``: ``item_seq`` [B, L] + ``item_seq_len`` [B] -> ``scores`` [B, n_items];
+- ``user``: ``user_id`` [B] -> ``scores`` [B, n_items];
+- ``history`` (EASE, item-based ItemKNN; graphs in ``core.modeling.export_graphs``): the
+  request's item ids ``history`` [B, H] times the item-item matrix -> ``scores`` [B, n_items];
+- ``pairs`` (rating models over user and item ids, e.g. FM): ``user_id`` [B] + ``item_id`` [B]
+  -> ``ratings`` [B] on the original rating scale.
+
+``scores`` cover all internal item ids; column 0 is RecBole's padding id and must be masked by
+the consumer (the scorer in ``core.serving`` does). Parity: the graph against the model's own
+code on real test users (history graphs: against RecBole's ``full_sort_predict``, each user's
+training row as the history; pairs: on real test pairs).
 
 Not every model is exported (the step still succeeds, the card's ``export`` says why and the
-registry keeps the checkpoint): RecBole's traditional models (ItemKNN, EASE, ...) score
-through scipy/numpy matrices outside torch, which a trace would freeze into constants of
-the example batch; rating models (``evaluation.task: rating``) predict one (user, item)
-pair, there is no "score every item" input to serve.
+registry keeps the checkpoint): other traditional models (UserKNN, SLIM, ...) score through
+scipy/numpy matrices recflow has no graph for; a rating model with more features than the user
+and item ids has no (user, item) input to serve.
 """
 
 from __future__ import annotations
@@ -30,18 +38,26 @@ import torch
 from core.config import PipelineConfig
 from core.errors import ExportError
 from core.modeling.dataset import RecBoleData, check_data, load_recbole_data
+from core.modeling.export_graphs import PairScorer, history_graph, history_reason, pairs_reason, training_histories
 from core.modeling.training import load_trained
+from core.records import ITEM as ITEM_FIELD
+from core.records import USER as USER_FIELD
 from core.records import DatasetSplits, ExportedModel, TrainedModel
 from core.release.artifacts import (
     CARD_FILE,
     CHECKPOINT_FILE,
+    HISTORY,
+    HISTORY_INPUT,
     INPUTS,
+    ITEM_INPUT,
     ITEM_VOCAB_FILE,
     MODEL_FILE,
-    SCORES_OUTPUT,
+    OUTPUTS,
+    PAIRS,
     SEQUENTIAL,
     SIGNATURE_FILE,
     USER,
+    USER_INPUT,
     USER_VOCAB_FILE,
     dynamic_axes,
     make_signature,
@@ -75,19 +91,26 @@ def is_sequential(model: torch.nn.Module) -> bool:
     return hasattr(model, "ITEM_SEQ") and hasattr(model, "ITEM_SEQ_LEN")
 
 
-def not_exportable_reason(config: PipelineConfig, model: torch.nn.Module, model_name: str) -> str | None:
-    """Why ``model`` is not exported to ONNX by design, or None when it should be."""
+def export_kind(config: PipelineConfig, model: torch.nn.Module) -> str:
+    """The signature kind ``model`` is exported as (``core.release.artifacts.INPUTS``)."""
     from recbole.utils import ModelType
 
     if config.evaluation.task == "rating":
-        return (f"{model_name} is a rating-prediction model: it predicts one (user, item) pair's rating, it does "
-                "not score every item from an input, so there is no ONNX scorer to serve; the registry keeps "
-                f"its checkpoint ({CHECKPOINT_FILE})")
+        return PAIRS
     if getattr(model, "type", None) == ModelType.TRADITIONAL:
-        return (f"{model_name} is a RecBole traditional model: it scores through scipy/numpy matrices outside "
-                "torch, which ONNX tracing would freeze into constants of the example batch; the registry "
-                f"keeps its checkpoint ({CHECKPOINT_FILE}), serve it with RecBole")
-    return None
+        return HISTORY
+    return SEQUENTIAL if is_sequential(model) else USER
+
+
+def not_exportable_reason(config: PipelineConfig, model: torch.nn.Module, model_name: str) -> str | None:
+    """Why ``model`` is not exported to ONNX by design, or None when it should be."""
+    kind = export_kind(config, model)
+    reason = None
+    if kind == PAIRS:
+        reason = pairs_reason(model, model_name, USER_FIELD, ITEM_FIELD)
+    elif kind == HISTORY:
+        reason = history_reason(model, model_name)
+    return None if reason is None else f"{reason}; the registry keeps its checkpoint ({CHECKPOINT_FILE})"
 
 
 def _append_mask_token(mask_token: int, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
@@ -115,15 +138,23 @@ def _traceable(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def _test_inputs(data: RecBoleData, model: torch.nn.Module, limit: int) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """Real test users: the model inputs and, per row, the item ids RecBole's evaluator masks."""
+def _test_inputs(data: RecBoleData, model: torch.nn.Module, kind: str,
+                 limit: int) -> tuple[dict[str, np.ndarray], list[np.ndarray], np.ndarray | None]:
+    """Real test users: the model inputs, per row the item ids RecBole's evaluator masks, and
+    (history graphs) the users whose training rows the histories are.
+
+    A history graph gets each user's row of the model's training matrix (what RecBole scores);
+    a pairs graph gets the test split's (user, item) pairs (nothing is masked).
+    """
+    if kind == PAIRS:
+        return *_test_pairs(data, model, limit), None
     inputs: dict[str, list[np.ndarray]] = {}
     history: list[np.ndarray] = []
     rows = 0
+    keys = INPUTS[SEQUENTIAL] if kind == SEQUENTIAL else (USER_INPUT,)
+    fields = [model.ITEM_SEQ, model.ITEM_SEQ_LEN] if kind == SEQUENTIAL else [model.USER_ID]
     for interaction, history_index, _, _ in data.test:
         n = len(interaction)
-        keys = INPUTS[SEQUENTIAL] if is_sequential(model) else INPUTS[USER]
-        fields = [model.ITEM_SEQ, model.ITEM_SEQ_LEN] if is_sequential(model) else [model.USER_ID]
         for key, field in zip(keys, fields):
             inputs.setdefault(key, []).append(interaction[field].cpu().numpy().astype(np.int64))
         masks: list[list[int]] = [[] for _ in range(n)]
@@ -136,7 +167,26 @@ def _test_inputs(data: RecBoleData, model: torch.nn.Module, limit: int) -> tuple
         if rows >= limit:
             break
     arrays = {k: np.concatenate(v)[:limit] for k, v in inputs.items()}
-    return arrays, history[:limit]
+    if kind == HISTORY:
+        users = arrays[USER_INPUT]
+        return {HISTORY_INPUT: training_histories(model, users)}, history[:limit], users
+    return arrays, history[:limit], None
+
+
+def _test_pairs(data: RecBoleData, model: torch.nn.Module, limit: int) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    users: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    rows = 0
+    for batch in data.test:
+        interaction = batch[0] if isinstance(batch, tuple) else batch
+        users.append(interaction[USER_FIELD].cpu().numpy().astype(np.int64))
+        items.append(interaction[ITEM_FIELD].cpu().numpy().astype(np.int64))
+        rows += len(users[-1])
+        if rows >= limit:
+            break
+    if not users:
+        raise ExportError("no test pairs to check the ONNX graph on")
+    return {USER_INPUT: np.concatenate(users)[:limit], ITEM_INPUT: np.concatenate(items)[:limit]}, []
 
 
 def _export_graph(wrapper: torch.nn.Module, example: dict[str, np.ndarray], path: Path, opset: int, kind: str) -> None:
@@ -152,7 +202,7 @@ def _export_graph(wrapper: torch.nn.Module, example: dict[str, np.ndarray], path
             args,
             str(path),
             input_names=names,
-            output_names=[SCORES_OUTPUT],
+            output_names=[OUTPUTS[kind]],
             dynamic_axes=dynamic,
             opset_version=opset,
             dynamo=False,
@@ -185,10 +235,9 @@ def export_model(
     if by_design is not None:
         (out_dir / MODEL_FILE).unlink(missing_ok=True)  # a retried export must not leave an older graph behind
         return ExportedModel(exported=False, reason=by_design, card_path=card_path), {}
-    sequential = is_sequential(model)
-    kind = SEQUENTIAL if sequential else USER
-    wrapper = (_SequentialScorer(model) if sequential else _UserScorer(model)).eval()
-    inputs, history = _test_inputs(data, model, config.export.parity_users)
+    kind = export_kind(config, model)
+    inputs, history, users = _test_inputs(data, model, kind, config.export.parity_users)
+    wrapper, extra = _wrapper(kind, model, data)
     onnx_path = out_dir / MODEL_FILE
     try:
         with torch.no_grad(), _traceable(model):
@@ -199,39 +248,69 @@ def export_model(
 
     import onnxruntime as ort
 
-    with torch.no_grad():
-        expected = wrapper(*[torch.from_numpy(v) for v in inputs.values()]).numpy()  # the model's own code
+    expected = _expected(model, wrapper, inputs, users)
+    output = OUTPUTS[kind]
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        got = session.run([SCORES_OUTPUT], inputs)[0]
+        got = session.run([output], inputs)[0]
     except Exception as exc:
         return _not_exportable(trained, onnx_path, card_path, "was traced but its ONNX graph does not run", exc)
     max_diff = float(np.max(np.abs(expected - got)))
-    agree = _top10_agreement(expected, got, history)
-    latency = _latency_ms(session, {k: v[:1] for k, v in inputs.items()})
-    signature = make_signature(kind, max_seq_length=int(data.config["MAX_ITEM_LIST_LENGTH"]) if sequential else None,
-                               n_items=int(got.shape[1]))
+    # A rating per pair has no top-10; every other kind scores the catalogue.
+    agree = 1.0 if kind == PAIRS else _top10_agreement(expected, got, history)
+    latency = _latency_ms(session, output, {k: v[:1] for k, v in inputs.items()})
+    signature = make_signature(
+        kind, max_seq_length=int(data.config["MAX_ITEM_LIST_LENGTH"]) if kind == SEQUENTIAL else None,
+        n_items=int(data.dataset.item_num), rating_scale=data.rating_scale if kind == PAIRS else None)
     (out_dir / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2))
     record = ExportedModel(
         exported=True,
         onnx_path=onnx_path,
         max_abs_diff=max_diff,
-        top10_agreement=agree,
+        top10_agreement=None if kind == PAIRS else agree,
         users_checked=int(got.shape[0]),
         size_bytes=onnx_path.stat().st_size,
         latency_ms_p50=latency,
         card_path=card_path,
     )
     tol = config.export.parity_tolerance
+    what = "test pairs" if kind == PAIRS else "test users"
     if max_diff > tol or agree < 1.0:
         raise ExportError(
-            f"ONNX parity failed on {got.shape[0]} test users: max |torch-onnx| = {max_diff:.2e} "
+            f"ONNX parity failed on {got.shape[0]} {what}: max |{trained.model_name}-onnx| = {max_diff:.2e} "
             f"(tolerance {tol:g}), identical top-10 for {agree:.1%} of users"
         )
-    section = {**signature, "opset": config.export.opset, "parity": {
-        "users": record.users_checked, "max_abs_diff": max_diff, "top10_identical": agree, "tolerance": tol},
-        "size_bytes": record.size_bytes, "latency_ms_p50_batch1_cpu": latency}
+    parity: dict[str, Any] = {"users": record.users_checked, "max_abs_diff": max_diff, "top10_identical": agree,
+                              "tolerance": tol}
+    if kind == PAIRS:
+        parity = {"pairs": record.users_checked, "max_abs_diff": max_diff, "tolerance": tol}
+    section = {**signature, "opset": config.export.opset, "parity": parity, **extra,
+               "size_bytes": record.size_bytes, "latency_ms_p50_batch1_cpu": latency}
     return record, section
+
+
+def _wrapper(kind: str, model: torch.nn.Module, data: RecBoleData) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The module to trace for ``kind``, and what the card says about it beyond the signature."""
+    if kind == SEQUENTIAL:
+        return _SequentialScorer(model).eval(), {}
+    if kind == USER:
+        return _UserScorer(model).eval(), {}
+    if kind == HISTORY:
+        module, matrix = history_graph(model)
+        return module.eval(), {"matrix": matrix}
+    assert data.rating_scale is not None, "rating data must be loaded with evaluation.task=rating"
+    return PairScorer(model, data.rating_scale, USER_FIELD, ITEM_FIELD).eval(), {}
+
+
+def _expected(model: torch.nn.Module, wrapper: torch.nn.Module, inputs: dict[str, np.ndarray],
+              users: np.ndarray | None) -> np.ndarray:
+    """What the model's own code says for ``inputs``; for a history graph (``users`` given), RecBole's
+    ``full_sort_predict`` for the users whose training rows the histories are."""
+    with torch.no_grad():
+        if users is not None:
+            scores = model.full_sort_predict({model.USER_ID: torch.from_numpy(users)})
+            return np.asarray(scores.view(len(users), -1).float().numpy())
+        return wrapper(*[torch.from_numpy(v) for v in inputs.values()]).numpy()
 
 
 def _not_exportable(
@@ -255,12 +334,12 @@ def _top10_agreement(expected: np.ndarray, got: np.ndarray, history: list[np.nda
     return same / max(expected.shape[0], 1)
 
 
-def _latency_ms(session: Any, one: dict[str, np.ndarray], runs: int = 50) -> float:
-    session.run([SCORES_OUTPUT], one)
+def _latency_ms(session: Any, output: str, one: dict[str, np.ndarray], runs: int = 50) -> float:
+    session.run([output], one)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run([SCORES_OUTPUT], one)
+        session.run([output], one)
         times.append((time.perf_counter() - start) * 1000)
     return round(float(np.median(times)), 3)
 

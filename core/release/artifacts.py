@@ -7,7 +7,8 @@ output names, dtypes, shapes) that export writes and the scorers read is defined
 
 A version directory (``<registry>/<model>/<version>/``)::
 
-    model.onnx          ONNX graph (absent for models not exported by design: ItemKNN, EASE, rating)
+    model.onnx          ONNX graph (absent for models not exported, e.g. UserKNN or a rating model over
+                        more fields than user and item; the card says why)
     signature.json      the graph's inputs/outputs (``make_signature``)
     item_ids.json       internal item id -> token (index 0: padding)
     user_ids.json       internal user id -> token
@@ -15,6 +16,7 @@ A version directory (``<registry>/<model>/<version>/``)::
     metrics.json        evaluation metrics
     config.yaml         the run's resolved config
     best.pth            the trained checkpoint
+    data_profile.json   item popularity and history lengths of the training snapshot (optional)
     checksums.json      {file name: sha256} of every other file, written last inside staging
     ship_manifest.json  only in copies on the production host (written by shipping)
 
@@ -52,11 +54,13 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "best.pth"
 CHECKSUMS_FILE = "checksums.json"
 SHIP_MANIFEST_FILE = "ship_manifest.json"
+DATA_PROFILE_FILE = "data_profile.json"  # item popularity + history lengths of the training snapshot
 CHAMPION_LINK = "champion"  # <registry>/<model>/champion -> <version>
 
 # Consumers: who loads a file (and so verifies it before use).
 SERVING = "serving"  # core/serving/scorer.py (the app, `recflow recommend`)
 RESCORE = "rescore"  # core/modeling/champion_rescore.py
+ONLINE = "online"  # core/online/drift.py (recflow ab-report)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ ARTIFACTS: tuple[ArtifactFile, ...] = (
     ArtifactFile(CONFIG_FILE, "the run's resolved config", required=True),
     ArtifactFile(CHECKPOINT_FILE, "the trained checkpoint", required=True),
     ArtifactFile(CHECKSUMS_FILE, "{file name: sha256} of every other file", required=True),
+    ArtifactFile(DATA_PROFILE_FILE, "training data profile for drift checks (core/online/profile.py)", consumers=frozenset({ONLINE})),
 )
 BY_NAME: dict[str, ArtifactFile] = {a.name: a for a in ARTIFACTS}
 
@@ -96,43 +101,80 @@ SCORER_FILES = files_for(SERVING)
 
 SEQUENTIAL = "sequential"  # inputs: item_seq [B, L] int64, item_seq_len [B] int64
 USER = "user"  # inputs: user_id [B] int64
+# inputs: history [B, H] int64, the request's item ids padded with 0 (any H, order ignored): the
+# item-item models (EASE, ItemKNN) score whoever sends a history, users unseen in training too.
+HISTORY = "history"
+# inputs: user_id [B] int64, item_id [B] int64 -> ratings [B] float32 on the original rating
+# scale (rating models such as FM): one prediction per (user, item) pair, no top-k.
+PAIRS = "pairs"
 ITEM_SEQ_INPUT = "item_seq"
 ITEM_SEQ_LEN_INPUT = "item_seq_len"
 USER_INPUT = "user_id"
+HISTORY_INPUT = "history"
+ITEM_INPUT = "item_id"
 SCORES_OUTPUT = "scores"  # [B, n_items + 1] float32 over internal ids; column 0 is padding
+RATINGS_OUTPUT = "ratings"  # [B] float32, pairs models only
 BATCH_AXIS = "batch"
+HISTORY_AXIS = "history_length"
 PADDING_ITEM = 0
 
-INPUTS: dict[str, tuple[str, ...]] = {SEQUENTIAL: (ITEM_SEQ_INPUT, ITEM_SEQ_LEN_INPUT), USER: (USER_INPUT,)}
+INPUTS: dict[str, tuple[str, ...]] = {SEQUENTIAL: (ITEM_SEQ_INPUT, ITEM_SEQ_LEN_INPUT), USER: (USER_INPUT,),
+                                      HISTORY: (HISTORY_INPUT,), PAIRS: (USER_INPUT, ITEM_INPUT)}
+OUTPUTS: dict[str, str] = {SEQUENTIAL: SCORES_OUTPUT, USER: SCORES_OUTPUT, HISTORY: SCORES_OUTPUT,
+                           PAIRS: RATINGS_OUTPUT}
 INPUT_DTYPE = "int64"
 OUTPUT_DTYPE = "float32"
-# Shapes by symbolic axis: "batch" is dynamic, "max_seq_length"/"n_items" come from the signature.
+# Shapes by symbolic axis: "batch" and "history_length" are dynamic, "max_seq_length"/"n_items"
+# come from the signature.
 INPUT_SHAPES: dict[str, tuple[str, ...]] = {
     ITEM_SEQ_INPUT: (BATCH_AXIS, "max_seq_length"),
     ITEM_SEQ_LEN_INPUT: (BATCH_AXIS,),
     USER_INPUT: (BATCH_AXIS,),
+    HISTORY_INPUT: (BATCH_AXIS, HISTORY_AXIS),
+    ITEM_INPUT: (BATCH_AXIS,),
 }
 OUTPUT_SHAPE: tuple[str, ...] = (BATCH_AXIS, "n_items")
+OUTPUT_SHAPES: dict[str, tuple[str, ...]] = {SCORES_OUTPUT: OUTPUT_SHAPE, RATINGS_OUTPUT: (BATCH_AXIS,)}
 
 
 def dynamic_axes(kind: str) -> dict[str, dict[int, str]]:
-    """``torch.onnx.export``'s ``dynamic_axes``: the batch axis of every input and the output."""
-    return {name: {0: BATCH_AXIS} for name in (*INPUTS[kind], SCORES_OUTPUT)}
+    """``torch.onnx.export``'s ``dynamic_axes``: the batch axis of every input and the output
+    (and a history's length)."""
+    axes = {name: {0: BATCH_AXIS} for name in (*INPUTS[kind], OUTPUTS[kind])}
+    if kind == HISTORY:
+        axes[HISTORY_INPUT] = {0: BATCH_AXIS, 1: HISTORY_AXIS}
+    return axes
 
 
-def make_signature(kind: str, *, max_seq_length: int | None, n_items: int) -> dict[str, Any]:
-    """The ``signature.json`` export writes (``n_items`` counts the padding column)."""
+def make_signature(kind: str, *, max_seq_length: int | None, n_items: int,
+                   rating_scale: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The ``signature.json`` export writes (``n_items`` counts the padding column).
+
+    Args:
+        kind: one of ``INPUTS`` (sequential, user, history, pairs).
+        max_seq_length: the sequence length of a sequential graph (ignored otherwise).
+        n_items: the item vocabulary's size, padding included.
+        rating_scale: (min, max) rating a pairs graph's output is on (pairs only).
+
+    Returns:
+        The signature as a JSON-ready dict.
+    """
     if kind not in INPUTS:
         raise ValueError(f"unknown signature kind {kind!r}; expected one of {sorted(INPUTS)}")
-    return {
+    signature: dict[str, Any] = {
         "kind": kind,
         "inputs": list(INPUTS[kind]),
-        "output": SCORES_OUTPUT,
+        "output": OUTPUTS[kind],
         "max_seq_length": int(max_seq_length) if kind == SEQUENTIAL else None,
         "n_items": int(n_items),
         "padding_item": PADDING_ITEM,
-        "mask_history": kind != SEQUENTIAL,  # as RecBole's evaluator does
+        "mask_history": kind in (USER, HISTORY),  # as RecBole's evaluator does
     }
+    if kind == PAIRS:
+        if rating_scale is None:
+            raise ValueError("a pairs signature needs the rating scale its output is on")
+        signature["rating_scale"] = [float(rating_scale[0]), float(rating_scale[1])]
+    return signature
 
 
 @dataclass(frozen=True)
@@ -150,6 +192,16 @@ class Signature:
     def sequential(self) -> bool:
         return self.kind == SEQUENTIAL
 
+    @property
+    def takes_history(self) -> bool:
+        """The graph scores the request's item history (EASE, ItemKNN), whoever the user is."""
+        return self.kind == HISTORY
+
+    @property
+    def rates_pairs(self) -> bool:
+        """The graph predicts one rating per (user, item) pair (FM)."""
+        return self.kind == PAIRS
+
 
 def parse_signature(data: bytes | str | Mapping[str, Any], *, where: str = SIGNATURE_FILE) -> Signature:
     """``signature.json`` (bytes, text or the parsed object) -> ``Signature``; ``RegistryError`` if malformed."""
@@ -162,7 +214,7 @@ def parse_signature(data: bytes | str | Mapping[str, Any], *, where: str = SIGNA
         return Signature(
             kind=kind,
             inputs=tuple(raw.get("inputs") or INPUTS[kind]),
-            output=str(raw.get("output") or SCORES_OUTPUT),
+            output=str(raw.get("output") or OUTPUTS[kind]),
             max_seq_length=int(raw["max_seq_length"]) if sequential else 0,
             n_items=int(raw["n_items"]) if raw.get("n_items") is not None else None,
             raw=raw,

@@ -5,6 +5,8 @@
 - ``GET /healthz``: what is served, since when, and whether the last hot swap failed.
 - ``POST /events`` and A/B or shadow arms with ``--log-dir`` (``_Experimenting``; arms in
   ``core.serving.arms``, the Parquet log in ``core.serving.outcome_log``; docs/serving-experiments.md).
+- ``POST /ratings``: predicted ratings for (user, item) pairs, rating models only (FM;
+  ``core.serving.ratings``).
 - ``/docs``: OpenAPI UI.
 
 Hot swap: a daemon thread reads the ``champion`` symlink every ``poll_seconds``; when it
@@ -49,6 +51,7 @@ from core.release.artifacts import CARD_FILE, MODEL_FILE, read_checksums
 from core.release.registry import CHAMPION, Registry
 from core.serving.arms import ArmRouter, ExperimentStore, ModelHolder, load_or_create_key
 from core.serving.outcome_log import ITEMS_CAP, ParquetLog, event_log, now_us, request_log
+from core.serving.ratings import RatingsRequest, RatingsResponse, parse_ratings, rate
 from core.serving.scorer import PADDING, OnnxScorer
 
 try:  # orjson: ~5x faster response encoding; plain json otherwise
@@ -311,6 +314,8 @@ class _Job:
 
 def _validate(model: LoadedModel, req: RecommendationRequest) -> _Job:
     scorer = model.scorer
+    if scorer.rates_pairs:
+        raise BadRequestError(422, f"{model.name} is a rating model: POST /ratings with (user, item) pairs")
     if not 1 <= req.k <= model.k_max:
         raise BadRequestError(422, f"k must be between 1 and {model.k_max}, got {req.k}")
     if len(req.items) > model.max_history:
@@ -336,6 +341,10 @@ def _validate(model: LoadedModel, req: RecommendationRequest) -> _Job:
     if scorer.sequential:
         if req.user is not None:
             raise BadRequestError(422, f"{model.name} is a sequential model: send the user's recent \"items\", not \"user\"")
+    elif scorer.takes_history:  # EASE, ItemKNN: the items are the input, any user (a "user" is ignored)
+        if not len(known):
+            raise BadRequestError(422, f"{model.name} scores the request's history: send at least one item it "
+                                   f"knows in \"items\"")
     else:
         if req.user is None:
             raise BadRequestError(422, f"{model.name} is a user model: send \"user\" (a user id it was trained on); "
@@ -417,6 +426,8 @@ class _Batcher:
             try:
                 if scorer.sequential:
                     scores = scorer.scores_for_sequences([job.history for job, _ in group])
+                elif scorer.takes_history:
+                    scores = scorer.scores_for_histories([job.history for job, _ in group])
                 else:
                     scores = scorer.scores_for_users([job.key for job, _ in group])
                 results = [(_payload(job, scores[row]), True) for row, (job, _) in enumerate(group)]
@@ -758,6 +769,26 @@ def create_app(
 
     if fast_path:
         app.add_middleware(_FastPath, path="/recommendations", answer=answer)
+
+    @app.post("/ratings", summary="Predicted ratings for (user, item) pairs (rating models such as FM)",
+              response_model=RatingsResponse,
+              responses={400: {"model": ErrorDetail, "description": "Malformed JSON"},
+                         422: {"model": ErrorDetail, "description": "Unknown users or items, too many pairs, "
+                               "not a rating model"}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": RatingsRequest.model_json_schema()}}}})
+    async def ratings(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            status, out = _too_large()
+            return Response(out, status_code=status, media_type="application/json")
+        model = watcher.current  # read once, as /recommendations does
+        try:
+            req = parse_ratings(body)
+            answer = await asyncio.to_thread(rate, model.name, model.version, model.scorer, req)
+        except BadRequestError as exc:
+            return Response(_dumps({"detail": exc.detail}), status_code=exc.status, media_type="application/json")
+        return Response(_dumps(answer), media_type="application/json")
 
     @app.get("/healthz", response_model=Health, summary="What is served, and whether the last hot swap failed")
     async def healthz() -> Response:

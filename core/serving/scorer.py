@@ -1,4 +1,9 @@
-"""Score a registry model version with onnxruntime and turn scores into recommendations."""
+"""Score a registry model version with onnxruntime and turn scores into recommendations.
+
+The signature's kind says what the graph wants: a sequence (sequential models), a known user
+(user models), the request's item history (history models: EASE, ItemKNN; any user), or
+(user, item) pairs (pairs models: FM, which rate pairs and recommend nothing).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import RegistryError
+from core.errors import RegistryError, ServingError
 from core.release.artifacts import (
+    HISTORY_INPUT,
+    ITEM_INPUT,
     ITEM_SEQ_INPUT,
     ITEM_SEQ_LEN_INPUT,
     ITEM_VOCAB_FILE,
@@ -89,7 +96,10 @@ class OnnxScorer:
         self.item_index = {tok: i for i, tok in enumerate(self.items)}
         users: list[str] = self._reader.json(USER_VOCAB_FILE) if self._reader.has(USER_VOCAB_FILE) else []
         self.user_index = {tok: i for i, tok in enumerate(users)}
+        self.kind = signature.kind
         self.sequential = signature.sequential
+        self.takes_history = signature.takes_history  # scores the request's items, whoever the user is
+        self.rates_pairs = signature.rates_pairs  # (user, item) -> rating; no top-k
         self.max_seq_length = signature.max_seq_length
         options = ort.SessionOptions()
         if intra_op_threads is not None:
@@ -129,6 +139,19 @@ class OnnxScorer:
             lens[row] = max(len(recent), 1)
         return self.session.run(self._output, {ITEM_SEQ_INPUT: seq, ITEM_SEQ_LEN_INPUT: lens})[0]
 
+    def scores_for_histories(self, histories: list[np.ndarray]) -> np.ndarray:
+        """[B, n_items + 1] scores for B item histories (internal ids; order ignored, repeats count)."""
+        width = max((len(h) for h in histories), default=0) or 1
+        feed = np.zeros((len(histories), width), dtype=np.int64)  # 0: the padding id, scores nothing
+        for row, known in enumerate(histories):
+            feed[row, : len(known)] = known
+        return self.session.run(self._output, {HISTORY_INPUT: feed})[0]
+
+    def rate_pairs(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """[B] predicted ratings (original scale) for B (internal user id, internal item id) pairs."""
+        feed = {USER_INPUT: np.asarray(user_ids, dtype=np.int64), ITEM_INPUT: np.asarray(item_ids, dtype=np.int64)}
+        return self.session.run(self._output, feed)[0]
+
     def scores_for_users(self, user_ids: list[int]) -> np.ndarray:
         return self.session.run(self._output, {USER_INPUT: np.asarray(user_ids, dtype=np.int64)})[0]
 
@@ -165,6 +188,13 @@ class OnnxScorer:
                            dtype=np.int64)
         if self.sequential:
             return self.scores_for_sequence(known), known
+        if self.takes_history:
+            if not len(known):
+                raise KeyError("this model scores the items in the history: give at least one item it knows")
+            return self.scores_for_histories([known])[0], known
+        if self.rates_pairs:
+            raise ServingError(f"{self.model_dir.name} is a rating model: it rates (user, item) pairs "
+                               "(POST /ratings on `recflow serve`), it does not recommend")
         if user is None or self.user_index.get(user, PADDING) == PADDING:
             raise KeyError(f"unknown user {user!r}: this model scores known users only")
         return self.scores_for_user(self.user_index[user]), known
