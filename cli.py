@@ -843,6 +843,91 @@ def models() -> None:
         typer.echo(name)
 
 
+@app.command("ab-report")
+def ab_report_cmd(
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="the serving log folder (requests/, events/, experiment.json)")],
+    attempts: Annotated[Path | None, typer.Option("--attempts", help="question_attempts CSV/Parquet (columns user_id, question_id, created_at, is_correct)")] = None,
+    window: Annotated[float, typer.Option("--window", help="hours after a request in which an attempt counts")] = 24.0,
+    experiment: Annotated[str | None, typer.Option("--experiment", help="experiment id (default: the only one in the log)")] = None,
+    record: Annotated[Path | None, typer.Option("--record", help="experiment record JSON (default: <log-dir>/experiment.json)")] = None,
+    control: Annotated[str | None, typer.Option("--control", help="arm the others are compared with (default: the record's first)")] = None,
+    registry: Annotated[Path | None, typer.Option("--registry", help="registry holding the served versions' data profiles (drift)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="report folder (default: <log-dir>/ab-report)")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")] = None,
+    pseudonymize: Annotated[bool | None, typer.Option("--pseudonymize/--no-pseudonymize", help="hash the attempts' learner ids with the extract's key (default: as the extract does for the source)")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="1 - confidence of the intervals")] = 0.05,
+    max_unknown_share: Annotated[float, typer.Option("--max-unknown-share", help="drift: warn above this share of unknown items")] = 0.05,
+    max_item_psi: Annotated[float, typer.Option("--max-item-psi", help="drift: warn above this item-popularity PSI")] = 0.2,
+    max_history_psi: Annotated[float, typer.Option("--max-history-psi", help="drift: warn above this history-length PSI")] = 0.2,
+    trigger_nightly: Annotated[bool, typer.Option("--trigger-nightly", help="start the nightly deployment when drift warns")] = False,
+    nightly_deployment: Annotated[str, typer.Option("--nightly-deployment", help="deployment --trigger-nightly starts")] = "training-pipeline/nightly",
+    config: _ConfigFileOpt = None,
+    source: _SourceOpt = None,
+    dsn: _DsnOpt = None,
+    dsn_env: _DsnEnvOpt = None,
+    url: _UrlOpt = None,
+    key_env: _SupabaseKeyEnvOpt = None,
+    table: _TableOpt = None,
+    since: _SinceOpt = None,
+    until: _UntilOpt = None,
+    user_col: _UserColOpt = None,
+    item_col: _ItemColOpt = None,
+    time_col: _TimeColOpt = None,
+) -> None:
+    """A/B report from the serving log: per-arm hit rate and correctness (per-learner CIs), differences, SRM, drift."""
+    from pydantic import ValidationError
+
+    from core.config import QUESTION_ATTEMPTS_COLUMNS, NotifyConfig, load_config
+    from core.errors import RecflowError
+    from core.online.outcomes import read_events, read_requests
+    from core.online.settings import ABReportSettings, DriftThresholds
+
+    overrides = _source_overrides(
+        data=attempts, user_col=user_col, item_col=item_col, time_col=time_col, rating_col=None, separator=None,
+        source=source, dsn_env=dsn_env, url=url, key_env=key_env, table=table, since=since, until=until,
+    ) | {"privacy.pseudonymize": pseudonymize}
+    if config is None:  # attempts files default to question_attempts' column names
+        for field in ("user", "item", "time"):
+            overrides[f"columns.{field}"] = overrides[f"columns.{field}"] or QUESTION_ATTEMPTS_COLUMNS[field]
+    try:
+        if dsn is not None:
+            _use_dsn_flag(dsn, dsn_env or "RECFLOW_PG_DSN")
+        cfg = load_config(config, overrides) if (attempts or source or config) else None
+        if cfg is not None and cfg.source.kind == "file" and cfg.source.path and not cfg.source.path.is_file():
+            _fail(f"--attempts: no file {cfg.source.path}")
+        read_requests(log_dir)  # a missing or empty log: one line, before Prefect starts
+        if cfg is None and read_events(log_dir).height == 0:
+            _fail(f"no outcomes: {log_dir} has no events; pass --attempts FILE (question_attempts) or source flags")
+        settings = ABReportSettings(
+            log_dir=log_dir, out_dir=out or log_dir / "ab-report", attempts=cfg, window_hours=window,
+            experiment=experiment, record=record, registry=registry, control=control, alpha=alpha,
+            drift=DriftThresholds(unknown_share=max_unknown_share, item_psi=max_item_psi, history_psi=max_history_psi),
+            trigger_nightly=trigger_nightly, nightly_deployment=nightly_deployment,
+            notify=cfg.notify if cfg is not None else NotifyConfig(),
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"--{str(first['loc'][-1]).replace('_', '-')}: {first['msg'].removeprefix('Value error, ')}")
+        return
+    except RecflowError as exc:
+        _fail(str(exc))
+        return
+    from flows.ab_report import ab_report
+
+    _quiet_prefect_tracebacks()
+    state = ab_report(settings, return_state=True)
+    if not state.is_completed():
+        exc_ = state.result(raise_on_failure=False)
+        _fail(str(exc_), 2 if isinstance(exc_, RecflowError) else 1)
+    report = state.result()
+    typer.echo(Path(report.files["markdown"]).read_text())
+    for kind, path in report.files.items():
+        typer.echo(f"{kind}: {path}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(report.model_dump_json(indent=2))
+
+
 def main() -> None:
     _reexec_with_malloc_tunables()
     app()

@@ -91,6 +91,10 @@ class EnsembleError(RecflowError):
     """Seed models that cannot form one ensemble: different models, data or configurations, or no checkpoint."""
 
 
+class OutcomeLogError(RecflowError):
+    """The A/B report cannot read its inputs: no request log, an empty one, unreadable outcomes or record."""
+
+
 class BadRequestError(RecflowError):
     """A serving request the server refuses; ``status`` is the HTTP status, ``detail`` the reason sent back."""
 

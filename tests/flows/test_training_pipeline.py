@@ -18,7 +18,7 @@ from flows.training_pipeline import training_pipeline
 
 REGISTRY_NAME = "interactions-sasrec"  # <data file stem>-<model>
 VERSION_FILES = {"model.onnx", "signature.json", "item_ids.json", "user_ids.json", "metrics.json", "config.yaml",
-                 "best.pth", "model_card.json", "checksums.json"}
+                 "best.pth", "model_card.json", "checksums.json", "data_profile.json"}
 
 
 @dataclass

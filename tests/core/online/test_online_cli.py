@@ -1,0 +1,26 @@
+"""`recflow ab-report` refuses a missing or empty log in one line, exit 2, before Prefect starts.
+
+The full command on a simulated log (flow, artifacts, files) is in tests/flows/test_ab_report.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cli import app
+
+
+def test_an_empty_log_dir_exits_2_with_a_message(tmp_path: Path) -> None:
+    (tmp_path / "requests").mkdir()
+    result = CliRunner().invoke(app, ["ab-report", "--log-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no request log" in result.output and "Traceback" not in result.output
+
+
+def test_a_missing_log_dir_or_attempts_file_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["ab-report", "--log-dir", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no log folder" in result.output
+    result = CliRunner().invoke(app, ["ab-report", "--log-dir", str(tmp_path), "--attempts", str(tmp_path / "a.csv")])
+    assert result.exit_code == 2 and "--attempts: no file" in result.output
