@@ -104,8 +104,8 @@ def plan_slots(pools: list[str], found: dict[str, PoolInfo], driver_pool: str | 
     for pool, listed in Counter(pools).items():
         info = found.get(pool)
         if info is None:
-            raise TuningError(f"--pool {pool}: no such work pool on the Prefect server; create it and its trial "
-                              f"deployment with `recflow deploy --trial-pool {pool}`")
+            raise TuningError(f"--pool {pool}: no such work pool on the Prefect server (PREFECT_API_URL); create it "
+                              f"and its trial deployment with `recflow deploy --trial-pool {pool}`")
         if not info.has_deployment:
             raise TuningError(f"--pool {pool}: no deployment {trial_deployment(pool)}; create it with "
                               f"`recflow deploy --trial-pool {pool}`")

@@ -330,12 +330,32 @@ def optimize(study: Any, objective: Callable[[Any], float], settings: StudySetti
     Returns:
         How many trials this call ran to an end.
     """
-    import time
+    import threading
 
+    guard = _FailureGuard(MAX_FAILURES_IN_A_ROW)
+    if n_jobs > 1:
+        # Optuna pops a queued trial (the preset, a dead worker's parameters) by reading WAITING
+        # and then writing RUNNING; on SQLite two threads can both read WAITING and run the same
+        # trial twice. One ``ask`` at a time in this process closes that gap.
+        lock, ask = threading.Lock(), study.ask
+
+        def one_ask_at_a_time(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return ask(*args, **kwargs)
+
+        study.ask = one_ask_at_a_time
+    try:
+        return _optimize_rounds(study, objective, settings, n_jobs, guard)
+    finally:
+        if n_jobs > 1:
+            del study.ask  # the class's own again
+
+
+def _optimize_rounds(study: Any, objective: Callable[[Any], float], settings: StudySettings, n_jobs: int,
+                     guard: _FailureGuard) -> int:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    guard = _FailureGuard(MAX_FAILURES_IN_A_ROW)
     deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
     # Each round asks for only the trials still missing, so parallel threads do not start extra
     # ones past --trials; failed trials do not count, so a round short of the goal is followed by another.

@@ -98,3 +98,56 @@ def test_trial_parameters_are_plain_json_with_absolute_paths(tmp_path: Path, mon
     assert again["settings"]["root"] == str(tmp_path / "studies")
     assert again["splits"]["data_dir"] == str(tmp_path / "studies/s/data")
     assert StudySettings.model_validate(again["settings"]).trial_dir(7) == tmp_path / "studies/s/trials/0007"
+
+
+def test_tune_run_params_are_built_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from deployments.params import main
+
+    assert main(["tune", "--space", "sasrec", "--study", "s1", "--trials", "8", "--pool", "gpu-a", "--pool", "gpu-b",
+                 "ml-100k-sasrec", "training.epochs=3"]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert params["settings"]["pools"] == ["gpu-a", "gpu-b"] and params["settings"]["trials"] == 8
+    assert params["config"]["training"]["epochs"] == 3 and "training.learning_rate" in params["space"]["params"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--space", "sasrec", "--study", "a/b", "--trials", "2"], "error: --name: study name 'a/b'"),
+        (["--space", "sasrec", "--study", "s", "--trials", "0"], "error: --trials: Input should be greater than"),
+        (["--space", "nope", "--study", "s", "--trials", "2"], "error: search space not found: nope"),
+        (["--study", "s", "--trials", "2"], "error: the following arguments are required: --space"),
+    ],
+)
+def test_tune_run_params_mistakes_are_one_line(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from deployments.params import main
+
+    assert main(["tune", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(needle) and len(err.strip().splitlines()) == 1, err
+
+
+def test_parallel_slots_run_a_queued_trial_once_and_stop_at_the_trial_count(tmp_path: Path) -> None:
+    """One thread per pool slot on a SQLite study: the queued preset is popped by one thread only,
+    and no thread starts a trial past --trials."""
+    import threading
+    import time
+
+    from core.experiments.study import open_study, optimize
+
+    settings = StudySettings(name="s", root=tmp_path, trials=4, pruner="none")
+    study = open_study(settings, direction="maximize")
+    study.enqueue_trial({"x": 0.5})
+    ran: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def objective(trial: object) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)  # type: ignore[attr-defined]
+        time.sleep(0.2)  # keep every slot busy at once, as trials on pools are
+        with lock:
+            ran.append((trial.number, x))  # type: ignore[attr-defined]
+        return x
+
+    assert optimize(study, objective, settings, n_jobs=4) == 4
+    assert sorted(n for n, _ in ran) == [0, 1, 2, 3]
+    assert [x for _, x in ran].count(0.5) == 1 and len(study.trials) == 4

@@ -10,6 +10,7 @@ deployed on the pool it dispatches to fails with an error naming the pool, and s
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,13 +23,11 @@ import pytest
 from prefect_server import BIN, prefect_server, start_worker, stop
 from tuning_testdata import tiny_space, tiny_study_config
 
-from core.config import dump_config, load_config
-from core.experiments.space import load_space
+from core.config import dump_config
 from core.experiments.study import StudySettings, open_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
-REPO = Path(__file__).resolve().parents[2]
 POOLS = ("gpu-a", "gpu-b")
 TRIALS = 4
 
@@ -142,24 +141,21 @@ def test_trials_run_on_both_pools_once_each_until_the_study_is_full(
 def test_a_driver_holding_the_only_slot_of_its_trial_pool_is_refused(
     stack: PoolStack, tuned: subprocess.CompletedProcess[str]
 ) -> None:
-    """The tune flow deployed onto gpu-a itself (as an operator might by hand) and told to send
+    """The tune deployment copied onto gpu-a itself (as an operator might by hand) and told to send
     its trials to gpu-a: it fails naming the pool instead of waiting forever for its own slot."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.tuning_pipeline import tuning_pipeline
-
-    with temporary_settings({PREFECT_API_URL: stack.api}):
-        tuning_pipeline.from_source(source=str(REPO), entrypoint="flows/tuning_pipeline.py:tuning_pipeline").deploy(
-            "on-gpu-a", work_pool_name=POOLS[0], print_next_steps=False)
-    tune = stack.get("/deployments/name/tuning-pipeline/tune")["parameters"]
-    settings = tune["settings"] | {"name": "s", "root": str(stack.studies), "trials": TRIALS + 1,
-                                   "pruner": "none", "pools": [POOLS[0]]}
-    space = load_space(stack.space_path).model_dump(mode="json")  # the study's own space (fingerprint)
-    config = load_config(stack.config_path).model_dump(mode="json")
+    tune = stack.get("/deployments/name/tuning-pipeline/tune")
+    copy = {k: tune[k] for k in ("flow_id", "entrypoint", "pull_steps", "parameter_openapi_schema", "path")}
+    dep = stack.post("/deployments/", copy | {"name": "on-gpu-a", "work_pool_name": POOLS[0]})
+    # The run's parameters as an operator builds them (deployments/params.py), the study's own config and space.
+    made = stack.cli(str(BIN / "python"), "-m", "deployments.params", "tune", "--space", str(stack.space_path),
+                     "--study", "s", "--trials", str(TRIALS + 1), "--pool", POOLS[0], "--pruner", "none",
+                     "--studies-dir", str(stack.studies), str(stack.config_path))
+    assert made.returncode == 0, made.stderr
+    params = json.loads(made.stdout)
+    assert params["settings"]["pools"] == [POOLS[0]] and params["settings"]["trials"] == TRIALS + 1
     before = len(stack.trial_runs())
-    dep = stack.get("/deployments/name/tuning-pipeline/on-gpu-a")
     run = stack.post(f"/deployments/{dep['id']}/create_flow_run",
-                     {"parameters": {"config": config, "space": space, "settings": settings}})
+                     {"parameters": params})
     deadline = time.monotonic() + 300
     while (state := stack.get(f"/flow_runs/{run['id']}")["state"])["type"] not in ("COMPLETED", "FAILED", "CRASHED"):
         assert time.monotonic() < deadline, stack.logs()
