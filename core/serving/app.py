@@ -625,9 +625,11 @@ class _Experimenting:
 
     def health(self) -> dict[str, Any]:
         routing = self.router.routing
+        swap_errors = {name: err for name, h in self.router.holders.items()
+                       if (err := getattr(h, "last_swap_error", None))}  # an arm that still serves its old version
         return {"experiment": {"id": routing.experiment, "weights": dict(routing.weights),
                                "shadows": [name for name, _ in routing.shadows],
-                               "last_error": self.router.last_error},
+                               "last_error": self.router.last_error, "arm_swap_errors": swap_errors},
                 "outcome_log": {"requests": self.requests.stats(), "events": self.events.stats(),
                                 "shadow_errors": self.shadow_errors}}
 
