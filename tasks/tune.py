@@ -109,7 +109,8 @@ def compare_seeds_task(config: PipelineConfig, jobs: list[SeedJob], runs: list[S
     key = artifact_key("tuning", settings.name)
     create_table_artifact(table=[
         {"configuration": s.label, "seeds": ", ".join(map(str, s.seeds)), f"test {comparison.metric}":
-         seed_runs.format_summary(s), "parameters": ", ".join(f"{k}={v}" for k, v in s.params.items()) or "preset"}
+         seed_runs.format_summary(s), "parameters": ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else
+                                f"{k.rsplit('.', 1)[-1]}={v}" for k, v in s.params.items()) or "preset"}
         for s in (preset, best)], key=f"{key}-seeds", description=f"study {settings.name}: {comparison.verdict}")
     get_run_logger().info("seeds: preset %s, best %s: %s", seed_runs.format_summary(preset),
                           seed_runs.format_summary(best), comparison.verdict)
