@@ -26,5 +26,6 @@ def ab_report(settings: ABReportSettings) -> ABReport:
     ab = ABReport(experiment=summary.experiment, window_hours=settings.window_hours, alpha=settings.alpha,
                   log_rows=summary.log_rows, served_rows=summary.served_rows, shadow_rows=summary.shadow_rows,
                   unassigned_rows=summary.unassigned_rows, outcome_rows=summary.outcome_rows,
+                  matched_learners=summary.matched_learners,
                   learners_in_several_arms=mixed, analysis=analysis, drift=drift, nightly_triggered=nightly)
     return publish_task(ab, settings)

@@ -13,7 +13,7 @@ from core.online import drift, report
 from core.online.analysis import Analysis, analyse, learners_in_several_arms, read_record
 from core.online.drift import DriftResult
 from core.online.outcomes import OutcomeSummary, collect
-from core.online.report import ABReport
+from core.online.report import NO_MATCH, ABReport
 from core.online.settings import ABReportSettings
 from tasks._common import artifact_key, load_prefect_secret, retry_unless_user_error
 
@@ -30,6 +30,8 @@ def _loader(settings: ABReportSettings) -> Callable[[str], str] | None:
 def outcomes_task(settings: ABReportSettings) -> OutcomeSummary:
     """Read the request log, events and attempts; join them in the window; per-learner sums to disk."""
     summary = collect(settings, secret_loader=_loader(settings))
+    if summary.matched_learners == 0:
+        get_run_logger().warning(NO_MATCH)
     get_run_logger().info("experiment %s: %d log rows (%d served), outcomes %s", summary.experiment,
                           summary.log_rows, summary.served_rows, summary.outcome_rows)
     return summary
@@ -75,9 +77,19 @@ def publish_task(ab: ABReport, settings: ABReportSettings) -> ABReport:
 
 @task(name="trigger-nightly", cache_policy=NO_CACHE)
 def trigger_nightly_task(settings: ABReportSettings) -> str:
-    """Start the nightly deployment now (drift warned and --trigger-nightly); returns the flow run's name."""
+    """Start the nightly deployment now (drift warned and --trigger-nightly); says what happened.
+
+    A trigger that fails (no such deployment, server unreachable) is a warning in the report,
+    never a lost report.
+    """
     from prefect.deployments import run_deployment
 
-    run = run_deployment(name=settings.nightly_deployment, timeout=0, tags=["drift"])
-    get_run_logger().info("drift: started %s as flow run %s", settings.nightly_deployment, run.name)
-    return str(run.name)
+    logger = get_run_logger()
+    try:
+        run = run_deployment(name=settings.nightly_deployment, timeout=0, tags=["drift"], as_subflow=False)
+    except Exception as exc:
+        why = f"{settings.nightly_deployment} not started: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        logger.warning("drift: %s", why)
+        return why
+    logger.info("drift: started %s as flow run %s", settings.nightly_deployment, run.name)
+    return f"{settings.nightly_deployment} started as flow run {run.name}"

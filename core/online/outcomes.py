@@ -187,6 +187,7 @@ class OutcomeSummary(BaseModel):
     shadow_rows: int
     unassigned_rows: int
     outcome_rows: dict[str, int]
+    matched_learners: int = 0  # served learners with at least one outcome (any item, any time)
 
 
 def collect(settings: ABReportSettings, *, secret_loader: Callable[[str], Any] | None = None) -> OutcomeSummary:
@@ -221,4 +222,6 @@ def collect(settings: ABReportSettings, *, secret_loader: Callable[[str], Any] |
         unassigned_rows=requests.filter(~shadow & ((pl.col("arm") == UNASSIGNED) | pl.col("arm").is_null()
                                                    | pl.col("session").is_null())).height,
         outcome_rows={"attempts": attempts.height, "events": events.height},
+        matched_learners=learners.join(outcomes.select("session").unique(), on="session", how="semi")
+        ["session"].n_unique(),
     )

@@ -19,6 +19,8 @@ REPORT_PNG = "ab_report.png"
 LEARNERS_FILE = "learners.parquet"  # per-(arm, learner) sums: pseudonymous session ids only
 
 _log = logging.getLogger(__name__)
+NO_MATCH = ("no outcome belongs to a learner in the log: are the attempts' ids pseudonymised with the key "
+            "the server uses (--pseudonymize, RECFLOW_PSEUDONYM_KEY)?")
 
 
 class ABReport(BaseModel):
@@ -32,10 +34,11 @@ class ABReport(BaseModel):
     shadow_rows: int
     unassigned_rows: int
     outcome_rows: dict[str, int]  # attempts, events
+    matched_learners: int = 0  # served learners with any outcome; 0 with outcomes: ids do not line up
     learners_in_several_arms: int
     analysis: Analysis
     drift: list[DriftResult] = Field(default_factory=list)
-    nightly_triggered: str | None = None  # the flow run started, when drift triggered one
+    nightly_triggered: str | None = None  # what --trigger-nightly did (the run started, or why not)
     files: dict[str, str] = Field(default_factory=dict)
 
     @property
@@ -75,6 +78,8 @@ def markdown(report: ABReport) -> str:
              f"unassigned left out); outcomes: {report.outcome_rows.get('attempts', 0)} attempts, "
              f"{report.outcome_rows.get('events', 0)} events.", "",
              "| arm | requests | learners | hit rate | correctness |", "| --- | ---: | ---: | --- | --- |"]
+    if report.matched_learners == 0:
+        lines[3:3] = [f"**{NO_MATCH}**", ""]
     lines += [f"| {r['arm']} | {r['requests']} | {r['learners']} | {r['hit rate']} | {r['correctness']} |"
               for r in arm_rows(report)]
     if a.differences:
@@ -108,7 +113,7 @@ def markdown(report: ABReport) -> str:
                          f"{'WARN' if d.warnings else (d.note or 'ok')} |")
         lines += [f"- {w}" for w in report.drift_warnings]
     if report.nightly_triggered:
-        lines.append(f"nightly run triggered: {report.nightly_triggered}")
+        lines.append(f"nightly run: {report.nightly_triggered}")
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +157,11 @@ def message(report: ABReport) -> str:
             lines.append(f"{d.metric}: {d.treatment} {_pp(d.value)} vs {d.control} [{_pp(d.low)}, {_pp(d.high)}]")
     if report.analysis.srm is not None and report.analysis.srm.flagged:
         lines.append(f"SAMPLE RATIO MISMATCH (p {report.analysis.srm.p_value:.2g})")
+    if report.matched_learners == 0:
+        lines.append(NO_MATCH)
     lines += [f"drift: {w}" for w in report.drift_warnings]
+    if report.nightly_triggered:
+        lines.append(f"nightly run: {report.nightly_triggered}")
     return "\n".join(lines)
 
 

@@ -126,3 +126,31 @@ def test_several_files_are_one_log_and_an_experiment_is_chosen(tmp_path: Path) -
     assert exp == "e2" and rows["request_id"].to_list() == ["r2"]
     with pytest.raises(OutcomeLogError, match="not in the log"):
         select_experiment(log, "e3")
+
+
+def test_collect_reads_attempts_as_the_extract_does_and_says_when_ids_do_not_line_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.config import load_config
+    from core.online.outcomes import collect
+    from core.online.settings import ABReportSettings
+    from core.online.simulate import SimArm, SimSettings, simulate, write_log
+
+    key = "a-test-pseudonym-key-32-bytes-ok"
+    monkeypatch.setenv("RECFLOW_PSEUDONYM_KEY", key)
+    sim = simulate(SimSettings(arms=(SimArm("a", 0.5), SimArm("b", 0.5)), learners=100), key)
+    write_log(sim, tmp_path / "logs")
+    sim.attempts.write_csv(tmp_path / "attempts.csv")
+
+    def run(pseudonymize: bool):
+        cfg = load_config(None, {"source.kind": "file", "source.path": tmp_path / "attempts.csv",
+                                 "columns.user": "user_id", "columns.item": "question_id",
+                                 "columns.time": "created_at", "privacy.pseudonymize": pseudonymize})
+        return collect(ABReportSettings(log_dir=tmp_path / "logs", out_dir=tmp_path / "out", attempts=cfg))
+
+    hashed = run(True)
+    assert hashed.matched_learners == 100 and hashed.outcome_rows["attempts"] == sim.attempts.height
+    assert hashed.served_rows == sim.requests.height and (tmp_path / "out" / "learners.parquet").is_file()
+    learners = pl.read_parquet(hashed.learners_path)
+    assert learners["hits"].sum() > 0 and not set(learners["session"]) & set(sim.attempts["user_id"])
+    assert run(False).matched_learners == 0  # raw ids never match the log's pseudonyms
