@@ -23,7 +23,7 @@
 
 (c) A/B cost (``--ab``): interleaved rounds of two servers on the same bodies (each with its
     own ``session``, 10,000 distinct learners by default): plain single-arm serving without a
-    log, then two arms (the champion, and its version pinned as a second arm: two loaded
+    log, the same with the outcome log (to tell the two costs apart), then two arms (the champion, and its version pinned as a second arm: two loaded
     models) with the outcome log on. Reports each round's p99, the median ratio (goal: <= 1.5x,
     issue 12), the arms' split against the weights (goal: within 2 points) and errors (goal: 0).
 
@@ -344,7 +344,7 @@ def bench_http(registry: Path, model: str, version_dir: Path, *, total: int, con
 
 def bench_ab(registry: Path, model: str, version: str, version_dir: Path, *, sessions: int, concurrency: int,
              workers: int, rounds: int, weight: float, allow_unverified: bool, work: Path) -> dict[str, Any]:
-    """(c): interleaved plain / two-arms-plus-log rounds on the same bodies; p99 ratio, split, errors."""
+    """(c): interleaved plain / log-only / two-arms-plus-log rounds on the same bodies; p99 ratio, split, errors."""
     bodies = _bodies(version_dir, sessions, seed=1, sessions=True)
     pinned = f"{model}:{version}"  # a second arm: the same version pinned, loaded a second time
     out: dict[str, Any] = {"sessions": sessions, "concurrency": concurrency, "workers": workers,
@@ -352,6 +352,10 @@ def bench_ab(registry: Path, model: str, version: str, version_dir: Path, *, ses
     for r in range(rounds):
         plain = bench_http(registry, model, version_dir, total=sessions, concurrency=concurrency, workers=workers,
                            allow_unverified=allow_unverified, bodies=bodies)
+        # The log alone (one arm), to tell its cost from the second arm's.
+        logged_only = bench_http(registry, model, version_dir, total=sessions, concurrency=concurrency,
+                                 workers=workers, allow_unverified=allow_unverified, bodies=bodies,
+                                 serve_args=("--log-dir", str(work / f"log-only-{r}")))
         arms: dict[str, int] = {}
         log_dir = work / f"ab-log-{r}"
         ab = bench_http(registry, model, version_dir, total=sessions, concurrency=concurrency, workers=workers,
@@ -360,13 +364,15 @@ def bench_ab(registry: Path, model: str, version: str, version_dir: Path, *, ses
                                     "--log-dir", str(log_dir)))
         share = arms.get(model, 0) / max(1, sum(arms.values()))
         logged = _logged_rows(log_dir)
-        row = {"plain_p99_ms": plain["p99_ms"], "ab_p99_ms": ab["p99_ms"],
+        row = {"plain_p99_ms": plain["p99_ms"], "log_only_p99_ms": logged_only["p99_ms"], "ab_p99_ms": ab["p99_ms"],
                "plain_rps": plain["requests_per_s"], "ab_rps": ab["requests_per_s"],
-               "p99_ratio": round(ab["p99_ms"] / plain["p99_ms"], 3), "errors": plain["errors"] + ab["errors"],
+               "p99_ratio": round(ab["p99_ms"] / plain["p99_ms"], 3),
+               "errors": plain["errors"] + logged_only["errors"] + ab["errors"],
                "arms": arms, "share_first_arm": round(share, 4), "split_error_points": round(100 * abs(share - weight), 2),
                "logged_rows": logged}
         out["rounds"].append(row)
-        print(f"  round {r + 1}: plain p99 {plain['p99_ms']:.2f} ms ({plain['requests_per_s']:.0f}/s), two arms + log "
+        print(f"  round {r + 1}: plain p99 {plain['p99_ms']:.2f} ms ({plain['requests_per_s']:.0f}/s), log only p99 "
+              f"{logged_only['p99_ms']:.2f} ms ({logged_only['requests_per_s']:.0f}/s), two arms + log "
               f"p99 {ab['p99_ms']:.2f} ms ({ab['requests_per_s']:.0f}/s): {row['p99_ratio']:.2f}x; split "
               f"{share:.4f} vs {weight} ({row['split_error_points']:.2f} points); logged {logged}; "
               f"errors {row['errors']}", flush=True)
