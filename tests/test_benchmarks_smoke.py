@@ -37,7 +37,8 @@ def _last_json(stdout: str) -> dict[str, Any]:
 
 def test_every_benchmark_is_covered_here() -> None:
     assert SCRIPTS == ["bare_recbole.py", "data_scale.py", "rectools_peer.py", "serving.py", "time_to_quality.py",
-                       "training.py"], "a new benchmark: add a smoke test for it below"
+                       "training.py", "tuning.py"], "a new benchmark: add a smoke test for it below"
+    # tuning.py's end-to-end smoke run: tests/test_benchmark_tuning_smoke.py
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
