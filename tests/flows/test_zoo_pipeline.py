@@ -32,9 +32,9 @@ TINY = {
     "GRU4Rec": ({"embedding_size": 16, "hidden_size": 16}, True),
     "BPR": ({"embedding_size": 16}, True),
     "MultiVAE": ({"latent_dimension": 16, "mlp_hidden_size": [32]}, True),
-    "ItemKNN": ({"k": 10}, False),
-    "EASE": ({}, False),
-    "FM": ({"embedding_size": 8}, False),
+    "ItemKNN": ({"k": 10}, True),
+    "EASE": ({}, True),
+    "FM": ({"embedding_size": 8}, True),
 }
 # Per model: the outcome of its first run on the tiny data (no champion yet, so: beats the baseline?).
 EXPECTED_STATUS = {"SASRec": "promoted", "BERT4Rec": "promoted", "GRU4Rec": "promoted", "BPR": "promoted",
@@ -98,10 +98,15 @@ def test_preset_completes_the_pipeline(
     if onnx_expected:
         assert "model.onnx" in files and "signature.json" in files
         assert card["export"]["onnx"] is True and card["export"]["reason"] is None
-        assert card["export"]["parity"]["max_abs_diff"] <= 1e-4 and card["export"]["parity"]["top10_identical"] == 1.0
+        assert card["export"]["parity"]["max_abs_diff"] <= 1e-4
         scorer = OnnxScorer(version_dir)
-        recs = scorer.recommend(["i1", "i2", "i3"], k=5, user=None if scorer.signature["kind"] == "sequential" else "u1")
-        assert len(recs) == 5 and all(r.item.startswith("i") for r in recs)
+        if rating:  # a pairs graph: one rating per (user, item), on the 1-5 scale
+            assert scorer.signature["kind"] == "pairs" and card["export"]["parity"]["pairs"] > 0
+            assert scorer.rate_pairs([scorer.user_index["u1"]], [scorer.item_index["i1"]]).shape == (1,)
+        else:
+            assert card["export"]["parity"]["top10_identical"] == 1.0
+            recs = scorer.recommend(["i1", "i2", "i3"], k=5, user=None if scorer.signature["kind"] == "sequential" else "u1")
+            assert len(recs) == 5 and all(r.item.startswith("i") for r in recs)
     else:
         assert "model.onnx" not in files and "signature.json" not in files
         assert card["export"]["onnx"] is False and card["export"]["exported"] is False
@@ -131,8 +136,9 @@ def _recommend_says_why(registry: Path, entry: str, version: str, model: str) ->
 def test_a_graph_that_runs_only_at_its_trace_batch_is_not_exported(
     tmp_path: Path, rating_csv: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without its by-design reason, ItemKNN traces (numpy scores frozen for the 2-row example) into a
-    graph onnxruntime cannot run on the parity batch: export says so instead of failing the run."""
+    """Exported as the wrong kind (a user graph instead of its history graph), ItemKNN traces (numpy
+    scores frozen for the 2-row example) into a graph onnxruntime cannot run on the parity batch:
+    export says so instead of failing the run."""
     import core.modeling.export as export
     from core.data.extract import extract
     from core.modeling.dataset import build_dataset
@@ -145,8 +151,8 @@ def test_a_graph_that_runs_only_at_its_trace_batch_is_not_exported(
     snapshot = extract(config, run_dir)
     splits = build_dataset(snapshot, config, run_dir)
     trained = train(config, splits, run_dir)
-    assert "traditional model" in str(export.not_exportable_reason(config, _model(config, splits, trained), "ItemKNN"))
-    monkeypatch.setattr(export, "not_exportable_reason", lambda *_: None)  # the fault: no reason known
+    assert export.export_kind(config, _model(config, splits, trained)) == "history"
+    monkeypatch.setattr(export, "export_kind", lambda *_: "user")  # the fault: the wrong graph for the model
     record, section = export.export_model(config, splits, trained, run_dir)
     assert record.exported is False and record.onnx_path is None
     assert record.reason is not None and record.reason.startswith("ItemKNN was traced but its ONNX graph does not run")
