@@ -260,3 +260,47 @@ def write_log(sim: Simulation, log_dir: Any, *, files: int = 2) -> None:
         if part.height:
             part.write_parquet(log_dir / REQUESTS_DIR / f"requests-w{i}-20260105T000000Z-{i:04d}.parquet")
     (log_dir / EXPERIMENT_RECORD).write_text(json.dumps(sim.record, indent=2))
+
+
+def write_demo(root: Any, key: bytes | str, *, learners: int = 2_000, seed: int = 0, drifted: bool = False) -> None:
+    """A demo folder for ``recflow ab-report``: ``logs/``, ``attempts.csv`` (raw ids) and ``registry/``.
+
+    Two arms of one entry (control v1 with recall 0.3, treatment v2 with recall 0.5), both
+    versions registered with the training profile (``drifted``: the traffic is not like it).
+
+    Args:
+        root: the folder to fill.
+        key: the pseudonymisation key (the report needs the same one: ``RECFLOW_PSEUDONYM_KEY``).
+        learners: simulated learners.
+        seed: the simulation's seed.
+        drifted: reverse the traffic's item popularity and add 10 % unknown items.
+    """
+    from pathlib import Path
+
+    from core.online.profile import build_profile, write_profile
+    from core.release.artifacts import write_checksums
+
+    root = Path(root)
+    arms = (SimArm("control", 0.3, version="v1"), SimArm("treatment", 0.5, version="v2"))
+    shift: dict[str, Any] = {"shift_popularity": True, "unknown_rate": 0.1} if drifted else {}
+    sim = simulate(SimSettings(arms=arms, learners=learners, seed=seed, shadow=True, **shift), key)
+    write_log(sim, root / "logs")
+    sim.attempts.write_csv(root / "attempts.csv")
+    trained_on = build_profile(simulate(SimSettings(arms=arms, learners=learners, seed=seed), key).training)
+    for arm in arms:
+        version_dir = root / "registry" / arm.entry / str(arm.version)
+        write_profile(trained_on, version_dir)
+        write_checksums(version_dir)
+
+
+if __name__ == "__main__":  # python -m core.online.simulate DIR [--drifted]
+    import os
+    import sys
+
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    demo_key = os.environ.get("RECFLOW_PSEUDONYM_KEY")
+    if len(args) != 1 or not demo_key:
+        sys.exit("usage: RECFLOW_PSEUDONYM_KEY=... python -m core.online.simulate DIR [--drifted]")
+    write_demo(args[0], demo_key, drifted="--drifted" in sys.argv)
+    print(f"recflow ab-report --log-dir {args[0]}/logs --attempts {args[0]}/attempts.csv --pseudonymize "
+          f"--registry {args[0]}/registry")

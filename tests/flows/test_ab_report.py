@@ -18,11 +18,9 @@ from webhook_receiver import WebhookReceiver
 
 from core.config import load_config
 from core.data.privacy import pseudonymize_ids
-from core.online.profile import build_profile, write_profile
 from core.online.report import LEARNERS_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG
 from core.online.settings import ABReportSettings
-from core.online.simulate import SimArm, SimSettings, simulate, write_log
-from core.release.artifacts import write_checksums
+from core.online.simulate import write_demo
 from flows.ab_report import ab_report
 
 KEY = "a-test-pseudonym-key-32-bytes-ok"
@@ -37,17 +35,9 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[WebhookReceiver]:
     r.stop()
 
 
-def _logged(root: Path, **shift: object) -> tuple[Path, Path, Path]:
-    """A simulated log dir, its attempts file (raw ids) and a registry with both arms' versions profiled."""
-    arms = (SimArm("control", 0.3, version="v1"), SimArm("treatment", 0.5, version="v2"))
-    sim = simulate(SimSettings(arms=arms, learners=1_500, shadow=True, **shift), KEY)  # type: ignore[arg-type]
-    write_log(sim, root / "logs")
-    sim.attempts.write_csv(root / "attempts.csv")
-    base = simulate(SimSettings(arms=arms, learners=1_500), KEY)  # what the versions were trained on
-    for arm in arms:
-        version_dir = root / "registry" / arm.entry / str(arm.version)
-        write_profile(build_profile(base.training), version_dir)
-        write_checksums(version_dir)
+def _logged(root: Path, *, drifted: bool = False) -> tuple[Path, Path, Path]:
+    """The README's demo folder: a simulated log, its attempts (raw ids) and a registry with profiles."""
+    write_demo(root, KEY, learners=1_500, drifted=drifted)
     return root / "logs", root / "attempts.csv", root / "registry"
 
 
@@ -81,7 +71,7 @@ def test_ab_report_on_a_simulated_log(prefect_harness: None, tmp_path: Path, rec
 
 def test_ab_report_warns_on_drifted_traffic(prefect_harness: None, tmp_path: Path, receiver: WebhookReceiver) -> None:
     # The flow itself: the CLI's path above, minus the flags.
-    logs, attempts, registry = _logged(tmp_path, shift_popularity=True, unknown_rate=0.2)
+    logs, attempts, registry = _logged(tmp_path, drifted=True)
     attempts_cfg = load_config(None, {"source.kind": "file", "source.path": attempts, "privacy.pseudonymize": True,
                                       "columns.user": "user_id", "columns.item": "question_id",
                                       "columns.time": "created_at"})
