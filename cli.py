@@ -907,7 +907,10 @@ def ab_report_cmd(
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        _fail(f"--{str(first['loc'][-1]).replace('_', '-')}: {first['msg'].removeprefix('Value error, ')}")
+        field = str(first["loc"][-1])
+        flag = {"window_hours": "window", "unknown_share": "max-unknown-share", "item_psi": "max-item-psi",
+                "history_psi": "max-history-psi"}.get(field, field.replace("_", "-"))
+        _fail(f"--{flag}: {first['msg'].removeprefix('Value error, ')}")
         return
     except RecflowError as exc:
         _fail(str(exc))

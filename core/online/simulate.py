@@ -141,7 +141,7 @@ def simulate(s: SimSettings, key: bytes | str) -> Simulation:
     if s.unknown_rate > 0:  # items nobody trained on: ids past the catalogue, each new
         new = rng.random((n, width)) < s.unknown_rate
         seq[new] = m + np.arange(int(new.sum()))
-    vocab = np.array([f"q{i}" if i < m else f"new{i}" for i in range(int(seq.max()) + 1)], dtype=object)
+    vocab = np.array([f"q{i}" if i < m else f"new{i}" for i in range(max(m, int(seq.max()) + 1))], dtype=object)
 
     weights = np.array([a.weight for a in s.arms], dtype=float)
     arm = rng.choice(len(s.arms), size=n, p=weights / weights.sum())
