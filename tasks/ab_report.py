@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.online import drift, report
-from core.online.analysis import Analysis, analyse, learners_in_several_arms, read_record
+from core.online.analysis import Analysis, analyse, find_record, learners_in_several_arms
 from core.online.drift import DriftResult
 from core.online.outcomes import OutcomeSummary, collect
 from core.online.report import NO_MATCH, ABReport
@@ -41,7 +41,8 @@ def outcomes_task(settings: ABReportSettings) -> OutcomeSummary:
 def stats_task(settings: ABReportSettings, summary: OutcomeSummary) -> tuple[Analysis, int]:
     """Per-arm rates with per-learner intervals, differences to the control, the SRM check."""
     learners = pl.read_parquet(summary.learners_path)
-    analysis = analyse(learners, read_record(settings.record_path), control=settings.control,
+    record = find_record(settings.log_dir, summary.experiment, settings.record)
+    analysis = analyse(learners, record, control=settings.control,
                        alpha=settings.alpha, srm_alpha=settings.srm_alpha)
     if analysis.srm is not None and analysis.srm.flagged:
         get_run_logger().warning("sample ratio mismatch: p %.2g; the differences are not trustworthy",

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from core.errors import OutcomeLogError
 from core.online.ab_stats import Difference, Estimate, SRMResult, difference, ratio_estimate, srm_test
+from core.online.settings import EXPERIMENT_RECORD, PAST_RECORDS_DIR
 
 HIT_RATE = "hit rate"
 CORRECTNESS = "correctness"
@@ -50,6 +51,28 @@ def read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise OutcomeLogError(f"cannot read the experiment record {path}: {exc}") from None
     return record
+
+
+def find_record(log_dir: Path, experiment: str | None, explicit: Path | None = None) -> dict[str, Any] | None:
+    """The record of ``experiment``: ``explicit`` if given, else ``<log dir>/experiment.json`` when it is that
+    experiment, else the archived ``<log dir>/experiments/<id>.json`` (``recflow serve`` moves a replaced one there).
+
+    Args:
+        log_dir: the serving log folder.
+        experiment: the experiment id the report is about (None: whatever experiment.json holds).
+        explicit: a record file the user named (--record); it must exist.
+
+    Returns:
+        The record, or None when there is none for this experiment.
+    """
+    if explicit is not None:
+        if not explicit.is_file():
+            raise OutcomeLogError(f"no experiment record {explicit} (--record)")
+        return read_record(explicit)
+    current = read_record(log_dir / EXPERIMENT_RECORD)
+    if current is not None and (experiment is None or current.get("id") == experiment):
+        return current
+    return read_record(log_dir / PAST_RECORDS_DIR / f"{experiment}.json") if experiment else None
 
 
 def _parse_time(value: Any) -> datetime | None:

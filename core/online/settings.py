@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.config import NotifyConfig, PipelineConfig
 
 EXPERIMENT_RECORD = "experiment.json"  # <log dir>/experiment.json unless --record says otherwise
+PAST_RECORDS_DIR = "experiments"  # <log dir>/experiments/<id>.json: experiments replaced since
 REQUESTS_DIR = "requests"  # <log dir>/requests/*.parquet (the serving log)
 EVENTS_DIR = "events"  # <log dir>/events/*.parquet (POST /events)
 DEFAULT_NIGHTLY = "training-pipeline/nightly"
@@ -37,7 +38,8 @@ class ABReportSettings(BaseModel):
     )
     window_hours: float = Field(default=24.0, gt=0, description="an outcome counts this long after the request")
     experiment: str | None = Field(default=None, description="experiment id; default: the only one in the log")
-    record: Path | None = Field(default=None, description="experiment record JSON; default <log dir>/experiment.json")
+    record: Path | None = Field(default=None, description="experiment record JSON; default: the log dir's record of "
+                                "the experiment (experiment.json, or experiments/<id>.json once replaced)")
     registry: Path | None = Field(default=None, description="registry with the served versions' data profiles")
     control: str | None = Field(default=None, description="the arm others are compared with; default: the record's first")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="1 - confidence of the intervals")
@@ -47,6 +49,3 @@ class ABReportSettings(BaseModel):
     nightly_deployment: str = DEFAULT_NIGHTLY
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
-    @property
-    def record_path(self) -> Path:
-        return self.record if self.record is not None else self.log_dir / EXPERIMENT_RECORD

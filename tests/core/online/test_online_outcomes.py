@@ -154,3 +154,25 @@ def test_collect_reads_attempts_as_the_extract_does_and_says_when_ids_do_not_lin
     learners = pl.read_parquet(hashed.learners_path)
     assert learners["hits"].sum() > 0 and not set(learners["session"]) & set(sim.attempts["user_id"])
     assert run(False).matched_learners == 0  # raw ids never match the log's pseudonyms
+
+
+def test_the_record_of_the_reported_experiment_is_found_current_or_archived(tmp_path: Path) -> None:
+    import json
+
+    from core.online.analysis import find_record
+
+    def record(exp_id: str) -> str:
+        return json.dumps({"id": exp_id, "salt": "s", "arms": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]})
+
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiment.json").write_text(record("e2"))
+    (tmp_path / "experiments" / "e1.json").write_text(record("e1"))  # replaced by e2
+    assert find_record(tmp_path, "e2")["id"] == "e2" and find_record(tmp_path, None)["id"] == "e2"
+    assert find_record(tmp_path, "e1")["id"] == "e1"
+    assert find_record(tmp_path, "e3") is None
+    assert find_record(tmp_path, "e2", tmp_path / "experiments" / "e1.json")["id"] == "e1"
+    with pytest.raises(OutcomeLogError, match="no experiment record"):
+        find_record(tmp_path, "e2", tmp_path / "nope.json")
+    (tmp_path / "experiment.json").write_text('{"id": "e2"}')
+    with pytest.raises(OutcomeLogError, match="no `arms` list"):
+        find_record(tmp_path, "e2")
