@@ -896,6 +896,8 @@ def ab_report_cmd(
         if cfg is not None and cfg.source.kind == "file" and cfg.source.path and not cfg.source.path.is_file():
             _fail(f"--attempts: no file {cfg.source.path}")
         read_requests(log_dir)  # a missing or empty log: one line, before Prefect starts
+        if record is not None and not record.is_file():
+            _fail(f"--record: no file {record}")
         if cfg is None and read_events(log_dir).height == 0:
             _fail(f"no outcomes: {log_dir} has no events; pass --attempts FILE (question_attempts) or source flags")
         settings = ABReportSettings(

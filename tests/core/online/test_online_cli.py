@@ -35,5 +35,8 @@ def test_a_bad_flag_value_names_the_flag(tmp_path: Path) -> None:
                         (["--max-item-psi", "-1"], "--max-item-psi")):
         result = CliRunner().invoke(app, ["ab-report", "--log-dir", str(tmp_path), "--attempts", __file__, *flags])
         assert result.exit_code == 2 and f"error: {name}:" in result.output, result.output
+    result = CliRunner().invoke(app, ["ab-report", "--log-dir", str(tmp_path), "--attempts", __file__,
+                                      "--record", str(tmp_path / "nope.json")])
+    assert result.exit_code == 2 and "--record: no file" in result.output
     result = CliRunner().invoke(app, ["ab-report", "--log-dir", str(tmp_path)])
     assert result.exit_code == 2 and "cannot read the event log" in result.output
