@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from core.config import PipelineConfig
 from core.errors import OutcomeLogError
-from core.online.settings import EVENTS_DIR, REQUESTS_DIR, ABReportSettings
+from core.online.settings import EVENTS_DIR, LEARNERS_FILE, REQUESTS_DIR, ABReportSettings
 from core.records import ITEM, TIME, USER
 
 UNASSIGNED = "unassigned"
@@ -200,7 +200,6 @@ def collect(settings: ABReportSettings, *, secret_loader: Callable[[str], Any] |
     Returns:
         Counts and the path of the per-learner table.
     """
-    from core.online.report import LEARNERS_FILE
 
     requests, experiment = select_experiment(read_requests(settings.log_dir), settings.experiment)
     events = read_events(settings.log_dir)

@@ -12,11 +12,11 @@ from core.config import NotifyConfig
 from core.online.ab_stats import Estimate
 from core.online.analysis import Analysis
 from core.online.drift import DriftResult
+from core.online.settings import LEARNERS_FILE  # noqa: F401  (the report folder's files, one place)
 
 REPORT_JSON = "ab_report.json"
 REPORT_MD = "ab_report.md"
 REPORT_PNG = "ab_report.png"
-LEARNERS_FILE = "learners.parquet"  # per-(arm, learner) sums: pseudonymous session ids only
 
 _log = logging.getLogger(__name__)
 NO_MATCH = ("no outcome belongs to a learner in the log: are the attempts' ids pseudonymised with the key "

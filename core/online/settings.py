@@ -12,6 +12,7 @@ EXPERIMENT_RECORD = "experiment.json"  # <log dir>/experiment.json unless --reco
 PAST_RECORDS_DIR = "experiments"  # <log dir>/experiments/<id>.json: experiments replaced since
 REQUESTS_DIR = "requests"  # <log dir>/requests/*.parquet (the serving log)
 EVENTS_DIR = "events"  # <log dir>/events/*.parquet (POST /events)
+LEARNERS_FILE = "learners.parquet"  # per-(arm, learner) sums: pseudonymous session ids only
 DEFAULT_NIGHTLY = "training-pipeline/nightly"
 
 
