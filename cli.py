@@ -458,7 +458,7 @@ def recommend(
             _fail(f"{name} has no champion in {registry} (versions: {', '.join(reg.versions(name)) or 'none'})")
         version_dir = reg.entry(name) / str(chosen)
         if (version_dir / CARD_FILE).is_file() and not (version_dir / MODEL_FILE).is_file():
-            # Registered without ONNX (ItemKNN, EASE, rating models): the card says why.
+            # Registered without ONNX (e.g. UserKNN, FM with extra features): the card says why.
             reason = reg.card(name, str(chosen)).get("export", {}).get("reason") or "not exported"
             _fail(f"{name} {chosen} has no ONNX model to score with: {reason}")
         # Verified like serving when the version has checksums (older ones load unverified).
