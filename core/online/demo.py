@@ -48,6 +48,7 @@ import polars as pl
 import yaml
 
 from core.config import QUESTION_ATTEMPTS_COLUMNS, resolve_config_path
+from core.errors import RecflowError  # a failed step: its message names the step and its log
 from core.online.simulate import respond
 
 STRONG, WEAK = "sasrec-early-stopping", "sasrec-one-epoch"
@@ -59,10 +60,6 @@ BASE_RATE = 0.05  # P(a learner also attempts another listed item)
 CONCURRENCY = 16
 PRESET = "question-attempts"
 USER, ITEM, TIME = (QUESTION_ATTEMPTS_COLUMNS[k] for k in ("user", "item", "time"))
-
-
-class DemoError(Exception):
-    """A demo step failed; the message names the step and what to look at."""
 
 
 class Paths:
@@ -89,7 +86,7 @@ def recflow(paths: Paths, key: str, step: str, *args: str) -> str:
     """Run ``recflow ARGS`` to completion; its output goes to ``DIR/logs/<step>.log`` and is returned.
 
     Raises:
-        DemoError: the command exited non-zero (the message holds its last lines).
+        RecflowError: the command exited non-zero (the message holds its last lines).
     """
     paths.logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "cli", *args]
@@ -99,7 +96,7 @@ def recflow(paths: Paths, key: str, step: str, *args: str) -> str:
     (paths.logs / f"{step}.log").write_text(text)
     if done.returncode != 0:
         tail = "\n".join(text.strip().splitlines()[-8:])
-        raise DemoError(f"{step}: recflow {args[0]} exited {done.returncode} (log: {paths.logs / f'{step}.log'}):\n{tail}")
+        raise RecflowError(f"{step}: recflow {args[0]} exited {done.returncode} (log: {paths.logs / f'{step}.log'}):\n{tail}")
     return done.stdout
 
 
@@ -191,7 +188,7 @@ class Server:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise DemoError(f"serve: recflow serve did not come up (log: {paths.logs / 'serve.log'}):\n"
+                raise RecflowError(f"serve: recflow serve did not come up (log: {paths.logs / 'serve.log'}):\n"
                                 + "\n".join((paths.logs / "serve.log").read_text().strip().splitlines()[-8:]))
             time.sleep(0.3)
 
@@ -210,10 +207,13 @@ class Server:
 def _ask(client: httpx.Client, base: str, learner: str, history: list[str]) -> tuple[datetime, list[str]]:
     """One request; (the time it was sent, the recommended items). The answer's ``arm`` is never read."""
     sent = datetime.now(UTC)
-    r = client.post(f"{base}/recommendations",
-                    json={"session": learner, "items": history, "k": 10, "ignore_unknown": True})
+    try:
+        r = client.post(f"{base}/recommendations",
+                        json={"session": learner, "items": history, "k": 10, "ignore_unknown": True})
+    except httpx.HTTPError as exc:
+        raise RecflowError(f"simulate: POST /recommendations failed: {exc} (is recflow serve still up?)") from None
     if r.status_code != 200:
-        raise DemoError(f"simulate: POST /recommendations answered {r.status_code}: {r.text[:200]}")
+        raise RecflowError(f"simulate: POST /recommendations answered {r.status_code}: {r.text[:200]}")
     return sent, [x["item"] for x in r.json()["items"]]
 
 
@@ -314,7 +314,7 @@ def run_demo(root: Path, *, learners: int, seed: int, port: int | None, epochs: 
         The verdict (also in ``DIR/demo_result.json``).
     """
     if root.exists() and any(root.iterdir()):
-        raise DemoError(f"{root} is not empty: pass a new folder (the demo trains into its own registry)")
+        raise RecflowError(f"{root} is not empty: pass a new folder (the demo trains into its own registry)")
     root.mkdir(parents=True, exist_ok=True)
     paths = Paths(root.resolve())
     key = pseudonym_key(paths)
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     try:
         r = run_demo(args.dir, learners=args.learners, seed=args.seed, port=args.port, epochs=args.epochs)
-    except DemoError as exc:
+    except RecflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     interval = f"[{_pp(r['low'])}, {_pp(r['high'])}]"
