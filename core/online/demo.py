@@ -8,8 +8,8 @@ Run it as a user would, every step through the real ``recflow`` commands (subpro
 2. Each learner's last ``STEPS`` attempts are their future (``DIR/future.csv``); the rest is the
    training part (``DIR/train.csv``).
 3. ``recflow run`` trains two SASRec arms on the training part into one registry (``DIR/registry``):
-   ``STRONG`` with the question-attempts preset and its early stopping, ``WEAK`` stopped after one
-   epoch at a tenth of the learning rate (an under-trained model: the one that should lose).
+   ``STRONG`` (sasrec-full) with the question-attempts preset (10-epoch cap, early stopping), ``WEAK``
+   (sasrec-one-epoch) stopped after one epoch at a tenth of the learning rate (the one that should lose).
 4. ``recflow serve --arm WEAK=0.5 --arm STRONG=0.5 --log-dir DIR/serving-log`` (the pseudonym key is
    generated once and kept in ``DIR/pseudonym.key``).
 5. Each learner asks for recommendations (``session`` = their raw id, ``items`` = their history) at
@@ -51,7 +51,7 @@ from core.config import QUESTION_ATTEMPTS_COLUMNS, resolve_config_path
 from core.errors import RecflowError  # a failed step: its message names the step and its log
 from core.online.simulate import respond
 
-STRONG, WEAK = "sasrec-early-stopping", "sasrec-one-epoch"
+STRONG, WEAK = "sasrec-full", "sasrec-one-epoch"
 STEPS = 3  # future attempts per learner held out from training (one request each)
 WINDOW_SECONDS = 4.0  # the report's outcome window
 LATE = 1.5  # a question not taken from the list is attempted this many windows after the request

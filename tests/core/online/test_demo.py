@@ -2,7 +2,8 @@
 
 The slow test runs every step for real at a small size (synth, two `recflow run`s, `recflow serve`
 with two arms, simulated learners over HTTP, `recflow ab-report`) and checks that the report names
-the arm that is better by construction (the one trained to early stopping) as the winner.
+the arm that is better by construction (trained with the preset, not stopped after one epoch) as the
+winner.
 """
 
 from __future__ import annotations
