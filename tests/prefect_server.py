@@ -53,12 +53,26 @@ def client_env(root: Path, api: str) -> dict[str, str]:
     }
 
 
+def api_get(api: str, path: str) -> Any:
+    response = httpx.get(f"{api}{path}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def api_post(api: str, path: str, body: dict[str, Any]) -> Any:
+    response = httpx.post(f"{api}{path}", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
 @contextmanager
-def prefect_server(root: Path, startup_seconds: float = 120) -> Iterator[tuple[str, dict[str, str]]]:
-    """Yield (api url, env for clients) of a server running until the block ends."""
+def prefect_server(root: Path, startup_seconds: float = 120,
+                   extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """Yield (api url, env for clients) of a server running until the block ends; ``extra_env``
+    goes to the server and into the yielded env."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = client_env(root, api)
+    env = client_env(root, api) | (extra_env or {})
     log = (root / "server.log").open("w")
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,10 +24,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from prefect_server import BIN, api_get, api_post, free_port, prefect_server, stop
 from recflow_testdata import DATA_FILE, TINY_YAML, Interaction, write_csv
 from sshd_server import SshServer
 
@@ -38,15 +36,10 @@ from core.release.registry import Registry
 from core.serving.app import create_app
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 MODEL = "interactions-sasrec"
 CRON, TZ = "30 2 * * *", "Europe/Berlin"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -60,14 +53,10 @@ class Stack:
     sshd: SshServer
 
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.api}{path}", timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return api_get(self.api, path)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return api_post(self.api, path, body)
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         # From a scratch directory: nothing may depend on the caller's working directory.
@@ -89,7 +78,7 @@ class Stack:
         try:
             proc.wait(timeout=240)
         finally:
-            _stop(proc)
+            stop(proc)
             log.close()
         assert proc.returncode == 0, (self.root / log_name).read_text()[-4000:]
 
@@ -101,76 +90,33 @@ class Stack:
         return {a["key"]: a for a in found if a.get("key")}
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    """Stop a process group we started; an idle worker ignores the first SIGTERM, so send two."""
-    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_rows: list[Interaction]) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("deploy-e2e")
     data = write_csv(tiny_rows, root / DATA_FILE)
     remote_dir = root / "production"
     remote_dir.mkdir()
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {
-        "PREFECT_HOME": str(root / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
-        "PREFECT_UI_ENABLED": "false",
-        "GX_ANALYTICS_ENABLED": "False",
-    }
-    server_log = (root / "server.log").open("w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-    sshd = None
+    sshd = SshServer()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "prefect server did not answer /api/health within 120 s"
-            time.sleep(0.5)
-        sshd = SshServer()
-        # The worker's environment carries the secrets (the SSH key path); the config names them only.
-        env["RECFLOW_SSH_KEY"] = str(sshd.client_key)
-        preset = yaml.safe_load(TINY_YAML) | {
-            "source": {"kind": "file", "path": str(data)},
-            "runs_dir": str(root / "runs"),
-            "registry": {"path": str(root / "registry")},
-            "incremental": {"store_dir": str(root / "data-store")},
-            "tracking": {"wandb": False},
-            "shipping": {"enabled": True, "host": "127.0.0.1", "port": sshd.port, "username": sshd.user,
-                         "remote_dir": str(remote_dir), "known_hosts": str(sshd.known_hosts),
-                         "key_env": "RECFLOW_SSH_KEY"},
-        }
-        preset["training"]["device"] = "cpu"
-        config_path = root / "tiny-nightly.yaml"
-        config_path.write_text(yaml.safe_dump(preset))
-        yield Stack(root, api, env, config_path, root / "registry", remote_dir, sshd)
+        with prefect_server(root, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}) as (api, env):
+            # The worker's environment carries the secrets (the SSH key path); the config names them only.
+            env["RECFLOW_SSH_KEY"] = str(sshd.client_key)
+            preset = yaml.safe_load(TINY_YAML) | {
+                "source": {"kind": "file", "path": str(data)},
+                "runs_dir": str(root / "runs"),
+                "registry": {"path": str(root / "registry")},
+                "incremental": {"store_dir": str(root / "data-store")},
+                "tracking": {"wandb": False},
+                "shipping": {"enabled": True, "host": "127.0.0.1", "port": sshd.port, "username": sshd.user,
+                             "remote_dir": str(remote_dir), "known_hosts": str(sshd.known_hosts),
+                             "key_env": "RECFLOW_SSH_KEY"},
+            }
+            preset["training"]["device"] = "cpu"
+            config_path = root / "tiny-nightly.yaml"
+            config_path.write_text(yaml.safe_dump(preset))
+            yield Stack(root, api, env, config_path, root / "registry", remote_dir, sshd)
     finally:
-        _stop(server)
-        server_log.close()
-        if sshd is not None:
-            sshd.stop()
+        sshd.stop()
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +265,7 @@ def test_deploy_mistakes_are_one_line(args: list[str], message: str) -> None:
 
     from cli import app
 
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     result = CliRunner().invoke(app, ["deploy", *[a.format(port=port) for a in args]])
     assert result.exit_code == 2, result.output
     assert message in result.output

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from prefect_server import BIN, prefect_server, start_worker, stop
+from prefect_server import BIN, api_get, api_post, prefect_server, start_worker, stop
 from tuning_testdata import tiny_space, tiny_study_config
 
 from core.config import dump_config
@@ -42,14 +41,10 @@ class PoolStack:
     studies: Path
 
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.api}{path}", timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return api_get(self.api, path)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return api_post(self.api, path, body)
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True, text=True,
