@@ -41,7 +41,7 @@ def prepare_study_task(config: PipelineConfig, space: SearchSpace, settings: Stu
     study = open_study(settings, direction=study_direction(config), fingerprint=study_fingerprint(config, space))
     dump_config(config, settings.dir / BASE_FILE)
     splits = stored_splits(settings)
-    if seed_runs.enqueue_preset(study, config, space):
+    if seed_runs.enqueue_preset(study, config, space, shared=settings.storage_env is not None):
         get_run_logger().info("the preset's own values are trial 0 (the baseline every trial is compared with)")
     done = len(study.trials)
     get_run_logger().info("study %s in %s: %d trial(s) so far, %d wanted; data %s", settings.name, settings.dir,

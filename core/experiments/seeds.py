@@ -120,12 +120,14 @@ def _in_domain(param: Any, value: Any) -> bool:
     return float(value).is_integer() and param.low <= value <= param.high and (value - param.low) % param.step == 0
 
 
-def enqueue_preset(study: Any, base: PipelineConfig, space: SearchSpace) -> bool:
-    """Make the preset the study's first trial (a new study only); False when it is not in the space."""
+def enqueue_preset(study: Any, base: PipelineConfig, space: SearchSpace, *, shared: bool = False) -> bool:
+    """Make the preset the study's first trial (a new study only); False when it is not in the space,
+    or when the study is ``shared`` by several processes: Optuna cannot enqueue atomically, so two
+    workers starting together would both queue it (the seed repeats then run the preset instead)."""
     values = preset_values(base, space)
-    if values is None or study.trials:
+    if values is None or shared or study.trials:
         return False
-    study.enqueue_trial(values, user_attrs={PRESET_ATTR: True})
+    study.enqueue_trial(values, user_attrs={PRESET_ATTR: True}, skip_if_exists=True)
     return True
 
 
