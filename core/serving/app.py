@@ -50,7 +50,7 @@ from core.errors import BadRequestError, RecflowError, ServingError
 from core.release.artifacts import CARD_FILE, MODEL_FILE, read_checksums
 from core.release.registry import CHAMPION, Registry
 from core.serving.arms import ArmRouter, ExperimentStore, ModelHolder, load_or_create_key
-from core.serving.outcome_log import ITEMS_CAP, ParquetLog, event_log, now_us, request_log
+from core.serving.outcome_log import ITEMS_CAP, ParquetLog, event_line, event_log, now_us, request_line, request_log
 from core.serving.ratings import RatingsRequest, RatingsResponse, parse_ratings, rate
 from core.serving.scorer import PADDING, OnnxScorer
 
@@ -569,8 +569,8 @@ class _Experimenting:
         payload["arm"], payload["request_id"] = arm, request_id
         n = len(req.items)
         items = req.items if n <= ITEMS_CAP else None
-        self.requests.submit((request_id, now_us(), routing.experiment, arm, False, model.name, model.version,
-                              session, items, n, n - len(job.history), payload["items"]))
+        self.requests.submit(request_line(request_id, now_us(), routing.experiment, arm, False, model.name,
+                                          model.version, session, items, n, n - len(job.history), payload["items"]))
         for name, shadow in routing.shadows:
             self._shadow(name, shadow.current, req, (request_id, routing.experiment, session, items, n))
         return 200, _dumps(payload)
@@ -591,8 +591,9 @@ class _Experimenting:
             if done.cancelled() or done.exception() is not None:
                 self.shadow_errors += 1
                 return
-            self.requests.submit((request_id, now_us(), experiment, name, True, model.name, model.version,
-                                  session, items, n, n - len(job.history), done.result()["items"]))
+            self.requests.submit(request_line(request_id, now_us(), experiment, name, True, model.name,
+                                              model.version, session, items, n, n - len(job.history),
+                                              done.result()["items"]))
 
         task.add_done_callback(logged)
 
@@ -619,8 +620,8 @@ class _Experimenting:
         for e in events:
             ts = received if e.ts is None else int(e.ts.timestamp() * 1_000_000)
             item = e.item if isinstance(e.item, str) else str(e.item)
-            accepted += self.events.submit((uuid.uuid4().hex, ts, self.router.session_pseudonym(e.session), item,
-                                            e.kind, e.value))
+            accepted += self.events.submit(event_line(uuid.uuid4().hex, ts, self.router.session_pseudonym(e.session),
+                                                      item, e.kind, e.value))
         return 202, _dumps({"accepted": accepted, "dropped": len(events) - accepted})
 
     def health(self) -> dict[str, Any]:

@@ -20,20 +20,21 @@ from core.serving.outcome_log import (
     EVENT_SCHEMA,
     REQUEST_SCHEMA,
     ParquetLog,
-    RequestRow,
+    event_line,
     event_log,
     now_us,
     read_log,
+    request_line,
     request_log,
 )
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _row(i: int, *, items: list[object] | None = None) -> RequestRow:
+def _row(i: int, *, items: list[object] | None = None, request_id: str | None = None) -> bytes:
     recs = [{"item": f"i{i}", "score": 0.5}, {"item": f"i{i + 1}", "score": 0.25}]
-    return (uuid.uuid4().hex, now_us(), "exp-1", "a", False, "entry", "v1", f"s{i}",
-            ["i1", 2] if items is None else items, 2, 0, recs)
+    return request_line(request_id or uuid.uuid4().hex, now_us(), "exp-1", "a", False, "entry", "v1", f"s{i}",
+                        ["i1", 2] if items is None else items, 2, 0, recs)
 
 
 def _wait(cond: object, timeout: float = 30.0) -> None:
@@ -47,7 +48,8 @@ def test_flushed_rows_match_the_contract_schema(tmp_path: Path) -> None:
     log = request_log(tmp_path, flush_seconds=0.05)
     log.start()
     log.submit(_row(1))
-    log.submit((uuid.uuid4().hex, now_us(), None, "unassigned", False, "entry", "v1", None, None, 500, 3, []))
+    log.submit(request_line(uuid.uuid4().hex, now_us(), None, "unassigned", False, "entry", "v1", None, None, 500, 3,
+                            []))
     _wait(lambda: log.written_rows == 2)
     log.close()
     files = list((tmp_path / "requests").glob("requests-*.parquet"))
@@ -59,7 +61,7 @@ def test_flushed_rows_match_the_contract_schema(tmp_path: Path) -> None:
     assert first["ts"].tzinfo is not None and first["experiment"] == "exp-1"
     assert (second["session"], second["items"], second["n_items"], second["n_unknown"]) == (None, None, 500, 3)
     events = event_log(tmp_path)
-    events.submit(("e1", now_us(), "s1", "q7", "correct", 1.0))
+    events.submit(event_line("e1", now_us(), "s1", "q7", "correct", 1.0))
     assert events.flush() == 1
     assert read_log(tmp_path / "events", "events").schema.equals(EVENT_SCHEMA)
 
@@ -127,9 +129,8 @@ def test_rotation_compacts_this_writers_files_into_one(tmp_path: Path) -> None:
     ids = []
     for batch in range(4):
         for i in range(5):
-            row = _row(batch * 5 + i)
-            ids.append(row[0])
-            log.submit(row)
+            ids.append(uuid.uuid4().hex)
+            log.submit(_row(batch * 5 + i, request_id=ids[-1]))
         log.flush()
     folder = tmp_path / "requests"
     assert len(list(folder.glob("requests-*.parquet"))) == 4
@@ -142,13 +143,13 @@ def test_rotation_compacts_this_writers_files_into_one(tmp_path: Path) -> None:
 
 CRASH_CHILD = """
 import sys, uuid
-from core.serving.outcome_log import request_log, now_us
+from core.serving.outcome_log import request_line, request_log, now_us
 log = request_log(sys.argv[1], worker="crash")
 batch = 0
 while True:
     for i in range(20_000):
-        log.submit((uuid.uuid4().hex, now_us(), "exp", "a", False, "e", "v", f"s{i}", ["i1"] * 20, 20, 0,
-                    [{"item": "i2", "score": 1.0}] * 10))
+        log.submit(request_line(uuid.uuid4().hex, now_us(), "exp", "a", False, "e", "v", f"s{i}", ["i1"] * 20, 20, 0,
+                                [{"item": "i2", "score": 1.0}] * 10))
     log.flush()
     batch += 1
     print(batch, flush=True)
