@@ -33,7 +33,6 @@ import logging
 import os
 import queue
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -51,7 +50,16 @@ from core.errors import BadRequestError, RecflowError, ServingError
 from core.release.artifacts import CARD_FILE, MODEL_FILE, read_checksums
 from core.release.registry import CHAMPION, Registry
 from core.serving.arms import ArmRouter, ExperimentStore, ModelHolder, load_or_create_key
-from core.serving.outcome_log import ITEMS_CAP, ParquetLog, event_line, event_log, now_us, request_line, request_log
+from core.serving.outcome_log import (
+    ITEMS_CAP,
+    ParquetLog,
+    event_line,
+    event_log,
+    now_us,
+    record_id,
+    request_line,
+    request_log,
+)
 from core.serving.ratings import RatingsRequest, RatingsResponse, parse_ratings, rate
 from core.serving.scorer import PADDING, OnnxScorer
 
@@ -559,7 +567,7 @@ class _Experimenting:
         except BadRequestError as exc:
             return exc.status, _dumps({"detail": exc.detail})
         payload = await self.batcher.score(job)
-        request_id = uuid.uuid4().hex
+        request_id = record_id()
         payload["arm"], payload["request_id"] = arm, request_id
         n = len(req.items)
         items = req.items if n <= ITEMS_CAP else None
@@ -614,7 +622,7 @@ class _Experimenting:
         for e in events:
             ts = received if e.ts is None else int(e.ts.timestamp() * 1_000_000)
             item = e.item if isinstance(e.item, str) else str(e.item)
-            accepted += self.events.submit(event_line(uuid.uuid4().hex, ts, self.router.session_pseudonym(e.session),
+            accepted += self.events.submit(event_line(record_id(), ts, self.router.session_pseudonym(e.session),
                                                       item, e.kind, e.value))
         return 202, _dumps({"accepted": accepted, "dropped": len(events) - accepted})
 
