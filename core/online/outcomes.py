@@ -26,6 +26,7 @@ from core.config import PipelineConfig
 from core.errors import OutcomeLogError
 from core.online.settings import EVENTS_DIR, LEARNERS_FILE, REQUESTS_DIR, ABReportSettings
 from core.records import ITEM, TIME, USER
+from core.serving.outcome_log import convert_spools
 
 UNASSIGNED = "unassigned"
 OUTCOME_SCHEMA = pl.Schema({"session": pl.String, "item": pl.String, "time": pl.Datetime("us", "UTC"),
@@ -35,7 +36,15 @@ REQUEST_COLUMNS = ("request_id", "ts", "experiment", "arm", "shadow", "entry", "
 
 
 def _read_dir(folder: Path, what: str) -> pl.DataFrame | None:
-    """Every ``*.parquet`` in ``folder`` as one frame; None when there is none."""
+    """Every ``*.parquet`` in ``folder`` as one frame; None when there is none.
+
+    Spools a server left unconverted (it was killed with its converter) are converted first.
+    """
+    if folder.is_dir():
+        try:
+            convert_spools(folder, folder.name)
+        except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError: a spool that is not the log's
+            raise OutcomeLogError(f"cannot convert the {what}'s spools under {folder}: {exc}") from None
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
         return None

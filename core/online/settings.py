@@ -7,11 +7,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.config import NotifyConfig, PipelineConfig
+from core.serving.outcome_log import EVENTS_DIR as EVENTS_DIR  # the serving log's layout, re-exported
+from core.serving.outcome_log import REQUESTS_DIR as REQUESTS_DIR
 
 EXPERIMENT_RECORD = "experiment.json"  # <log dir>/experiment.json unless --record says otherwise
 PAST_RECORDS_DIR = "experiments"  # <log dir>/experiments/<id>.json: experiments replaced since
-REQUESTS_DIR = "requests"  # <log dir>/requests/*.parquet (the serving log)
-EVENTS_DIR = "events"  # <log dir>/events/*.parquet (POST /events)
 LEARNERS_FILE = "learners.parquet"  # per-(arm, learner) sums: pseudonymous session ids only
 DEFAULT_NIGHTLY = "training-pipeline/nightly"
 

@@ -685,7 +685,9 @@ def _experimenting(watcher: ChampionWatcher, batcher: _Batcher, log_dir: Path, e
                                                                 **watcher._load_kwargs))
     router = ArmRouter(watcher, holders, store if experiment_id else None, experiment_id,
                        load_or_create_key(log_dir), pseudonym_key)
-    return _Experimenting(router, batcher, request_log(log_dir), event_log(log_dir), poll_seconds,
+    # Requests: one line per answer, converted to Parquet by a child process (off this process's
+    # CPU and GIL); events are few, so their writer thread converts them itself.
+    return _Experimenting(router, batcher, request_log(log_dir, converter="process"), event_log(log_dir), poll_seconds,
                           os.environ.get(ENV_EVENTS_TOKEN, "").strip() or None)
 
 

@@ -32,12 +32,14 @@ import contextlib
 import itertools
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal
 
 import orjson
 import pyarrow as pa
@@ -52,6 +54,7 @@ EVENTS_DIR = "events"
 REQUESTS_PREFIX = "requests"
 EVENTS_PREFIX = "events"
 PARQUET_SUFFIX = ".parquet"
+SPOOL_SUFFIX = ".jsonl"  # a flushed batch before its conversion to Parquet
 TEMP_SUFFIX = ".tmp"
 ITEMS_CAP = 200  # a longer request history is logged as counts only (n_items, n_unknown)
 STALE_TEMP_SECONDS = 600.0  # temp files older than this at start are leftovers of a crash
@@ -150,17 +153,25 @@ def event_table(lines: Sequence[bytes]) -> pa.Table:
 
 
 class ParquetLog:
-    """A bounded queue drained by one writer thread into complete Parquet files.
+    """A bounded queue drained by one writer thread into complete files: JSON-lines spools, then Parquet.
+
+    Each flush writes the queued lines as one spool file (``.jsonl``: temp name, fsync, rename),
+    so a crash loses at most what was still queued. The spool is then converted to a Parquet
+    file of the same name and deleted: on this writer thread (``converter="thread"``), or by a
+    child process at low CPU priority (``converter="process"``, what ``recflow serve`` uses: the
+    serving process then never parses or compresses; measured in benchmarks/README.md). A
+    spool a converter has not reached yet is still read by ``read_log`` and ``convert_spools``.
 
     Args:
         folder: where the files go (created).
         prefix: file name prefix (``requests`` or ``events``).
-        to_table: turns a batch of queued lines into a ``pyarrow.Table``.
+        to_table: turns a batch of lines into a ``pyarrow.Table``.
         worker: this process's name in file names (default ``w<pid>``: one writer per process).
         max_queue: rows held at most; more are dropped and counted.
         flush_rows: wake the writer once this many rows wait.
         flush_seconds: the longest a row waits before being written.
-        rotate_seconds: compact this writer's files every so often (0: only at close).
+        rotate_seconds: compact this writer's Parquet files every so often (0: only at close).
+        converter: ``"thread"`` or ``"process"`` (see above).
     """
 
     def __init__(
@@ -174,6 +185,7 @@ class ParquetLog:
         flush_rows: int = 5_000,
         flush_seconds: float = 1.0,
         rotate_seconds: float = 300.0,
+        converter: Literal["thread", "process"] = "thread",
     ) -> None:
         self.folder = Path(folder)
         self.prefix = prefix
@@ -181,19 +193,21 @@ class ParquetLog:
         self.worker = worker or f"w{os.getpid()}"
         self.max_queue, self.flush_rows = max_queue, flush_rows
         self.flush_seconds, self.rotate_seconds = flush_seconds, rotate_seconds
+        self.converter = converter
         self._queue: collections.deque[bytes] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._child: subprocess.Popen[bytes] | None = None
         self._write_lock = threading.Lock()  # flush() from a caller vs the writer thread
         self._seq = 0
         self._unrotated: list[Path] = []
         self._last_rotation = time.monotonic()
         # Counters: each written by one thread only (no lock needed under the GIL).
         self.dropped_full = 0  # request path: the queue was full
-        self.dropped_failed = 0  # writer thread: the write failed (e.g. disk full)
-        self.written_rows = 0
-        self.written_files = 0
+        self.dropped_failed = 0  # writer thread: the spool write failed (e.g. disk full)
+        self.written_rows = 0  # rows on disk (in a spool or a Parquet file)
+        self.written_files = 0  # Parquet files this object wrote (thread converter)
         self.last_error: str | None = None
 
     # ----------------------------------------------------------------- request path
@@ -211,9 +225,13 @@ class ParquetLog:
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``/healthz``."""
-        return {"written_rows": self.written_rows, "written_files": self.written_files,
-                "queued": len(self._queue), "dropped": self.dropped_full + self.dropped_failed,
-                "last_error": self.last_error}
+        out = {"written_rows": self.written_rows, "written_files": self.written_files,
+               "queued": len(self._queue), "dropped": self.dropped_full + self.dropped_failed,
+               "last_error": self.last_error}
+        if self.converter == "process":
+            child = self._child
+            out["converter"] = {"pid": child.pid if child else None, "running": bool(child and child.poll() is None)}
+        return out
 
     # ----------------------------------------------------------------- writer thread
 
@@ -226,14 +244,17 @@ class ParquetLog:
             self._thread.start()
 
     def close(self) -> None:
-        """Write what is queued, compact, and stop the writer."""
+        """Write what is queued, convert and compact, and stop the writer (and its converter)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
         self.flush()
-        self.rotate()
+        if self.converter == "process":
+            self._stop_child()
+        else:
+            self.rotate()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -241,13 +262,13 @@ class ParquetLog:
             self._wake.clear()
             try:
                 self.flush()
-                if self.rotate_seconds and time.monotonic() - self._last_rotation >= self.rotate_seconds:
+                if self.converter == "thread" and self.seconds_to_rotation() == 0.0:
                     self.rotate()
             except Exception as exc:  # the writer must outlive any one bad batch
                 self._error(f"{type(exc).__name__}: {exc}")
 
     def flush(self) -> int:
-        """Write everything queued now as one file. Returns the rows written (0 if dropped)."""
+        """Write everything queued now as one spool, and convert it. Returns the rows written (0 if dropped)."""
         with self._write_lock:
             rows = []
             queue = self._queue
@@ -256,18 +277,53 @@ class ParquetLog:
             if not rows:
                 return 0
             try:
-                path = self._write(self.to_table(rows))
-            except Exception as exc:  # ENOSPC, EIO, a bad row: this batch is lost, never the server
+                self._write(self._name(SPOOL_SUFFIX), lambda fh: fh.write(b"\n".join(rows)))
+            except Exception as exc:  # ENOSPC, EIO: this batch is lost, never the server
                 self.dropped_failed += len(rows)
                 self._error(f"{len(rows)} rows dropped: {type(exc).__name__}: {exc}")
                 return 0
-            self._unrotated.append(path)
             self.written_rows += len(rows)
-            self.written_files += 1
+            if self.converter == "process":
+                self._notify_child()
+            else:
+                self.convert_pending()
             return len(rows)
 
+    def convert_pending(self) -> list[Path]:
+        """Convert this writer's spools to Parquet, oldest first. Returns the new files.
+
+        A spool that fails to convert (disk full) stays, with its rows, for the next call.
+        """
+        done = []
+        for spool in sorted(self.folder.glob(f"{self.prefix}-{self.worker}-*{SPOOL_SUFFIX}")):
+            try:
+                done.append(self.convert(spool))
+            except FileNotFoundError:  # converted by someone else (convert_spools) meanwhile
+                continue
+            except Exception as exc:
+                self._error(f"{spool.name} kept for a later try: {type(exc).__name__}: {exc}")
+                break
+        return done
+
+    def convert(self, spool: Path) -> Path:
+        """One spool to the Parquet file of the same name (temp, fsync, rename); the spool deleted after."""
+        table = self.to_table(spool.read_bytes().split(b"\n"))
+        final = self._write(spool.name[: -len(SPOOL_SUFFIX)] + PARQUET_SUFFIX,
+                            lambda fh: pq.write_table(table, fh, compression="zstd"))
+        with contextlib.suppress(FileNotFoundError):
+            spool.unlink()
+        self._unrotated.append(final)
+        self.written_files += 1
+        return final
+
+    def seconds_to_rotation(self) -> float | None:
+        """Seconds until the next compaction is due (0.0: due now; None: only at close)."""
+        if not self.rotate_seconds:
+            return None
+        return max(0.0, self.rotate_seconds - (time.monotonic() - self._last_rotation))
+
     def rotate(self) -> Path | None:
-        """Compact this writer's files since the last rotation into one. Returns the new file, if any."""
+        """Compact this writer's Parquet files since the last rotation into one. Returns the new file, if any."""
         with self._write_lock:
             self._last_rotation = time.monotonic()
             small, self._unrotated = self._unrotated, []
@@ -275,7 +331,7 @@ class ParquetLog:
                 return None
             try:
                 table = pa.concat_tables([pq.read_table(p) for p in small])
-                path = self._write(table)
+                path = self._write(self._name(PARQUET_SUFFIX), lambda fh: pq.write_table(table, fh, compression="zstd"))
             except Exception as exc:  # the small files stay: nothing lost, only not compacted
                 self._error(f"compaction skipped: {type(exc).__name__}: {exc}")
                 return None
@@ -285,18 +341,53 @@ class ParquetLog:
             self.written_files -= len(small) - 1
             return path
 
-    def _next_name(self) -> str:
+    # ----------------------------------------------------------------- the converter process
+
+    def _notify_child(self) -> None:
+        """Tell the converter a spool is waiting (one line on its stdin); start it if it is not running."""
+        child = self._child
+        if child is None or child.poll() is not None:
+            if child is not None:
+                self._error(f"the log converter exited with code {child.returncode}; starting a new one")
+            child = self._child = subprocess.Popen(
+                [sys.executable, "-m", "core.serving.log_converter", str(self.folder), self.prefix, self.worker,
+                 str(self.rotate_seconds)],
+                stdin=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+        try:
+            assert child.stdin is not None
+            child.stdin.write(b"\n")
+            child.stdin.flush()
+        except OSError as exc:  # it died just now: the spool stays on disk, the next flush restarts it
+            self._error(f"the log converter is gone ({exc.strerror or exc}); spools wait on disk")
+
+    def _stop_child(self, timeout: float = 60.0) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        with contextlib.suppress(OSError):
+            assert child.stdin is not None
+            child.stdin.close()  # end of input: it converts what is left, compacts, and exits
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:  # spools are complete files: nothing is lost by stopping it
+            child.kill()
+            child.wait()
+            self._error(f"the log converter did not finish in {timeout:.0f} s; spools left for the next start")
+
+    # ----------------------------------------------------------------- files
+
+    def _name(self, suffix: str) -> str:
         self._seq += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        return f"{self.prefix}-{self.worker}-{stamp}-{self._seq:06d}{PARQUET_SUFFIX}"
+        return f"{self.prefix}-{self.worker}-{stamp}-{self._seq:06d}{suffix}"
 
-    def _write(self, table: pa.Table) -> Path:
-        """Write ``table`` to a temp name, fsync, rename: the file appears complete or not at all."""
+    def _write(self, name: str, write: Callable[[BinaryIO], object]) -> Path:
+        """Write a file under a temp name, fsync, rename: it appears complete or not at all."""
         self.folder.mkdir(parents=True, exist_ok=True)  # also after someone removed it
-        final = self.folder / self._next_name()
-        tmp = self.folder / f".{final.name}{TEMP_SUFFIX}"
+        final = self.folder / name
+        tmp = self.folder / f".{name}{TEMP_SUFFIX}"
         try:
-            self.write_file(table, tmp)
+            self.write_file(tmp, write)
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -304,10 +395,10 @@ class ParquetLog:
             raise
         return final
 
-    def write_file(self, table: pa.Table, path: Path) -> None:
+    def write_file(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
         """The one place bytes reach the disk (a test overrides it to fake a full disk)."""
         with open(path, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -324,6 +415,12 @@ class ParquetLog:
                     p.unlink()
 
 
+TABLES: dict[str, Callable[[Sequence[bytes]], pa.Table]] = {REQUESTS_PREFIX: request_table, EVENTS_PREFIX: event_table}
+SCHEMAS = {REQUESTS_PREFIX: REQUEST_SCHEMA, EVENTS_PREFIX: EVENT_SCHEMA}
+# A row's identity: compaction or a double conversion can leave it twice; a shadow row shares its request's id.
+ROW_KEYS = {REQUESTS_PREFIX: ("request_id", "arm", "shadow"), EVENTS_PREFIX: ("event_id",)}
+
+
 def request_log(log_dir: Path, **kwargs: Any) -> ParquetLog:
     """The request log under ``<log dir>/requests/``."""
     return ParquetLog(Path(log_dir) / REQUESTS_DIR, REQUESTS_PREFIX, request_table, **kwargs)
@@ -334,14 +431,53 @@ def event_log(log_dir: Path, **kwargs: Any) -> ParquetLog:
     return ParquetLog(Path(log_dir) / EVENTS_DIR, EVENTS_PREFIX, event_table, **kwargs)
 
 
+def convert_spools(folder: Path, prefix: str, *, older_than: float = 0.0) -> int:
+    """Convert every writer's spools in ``folder`` (left by a crash, or not reached yet). Returns files made.
+
+    Safe beside a live converter: a spool becomes the same Parquet name whoever converts it.
+    """
+    cutoff = time.time() - older_than
+    made = 0
+    by_worker: dict[str, ParquetLog] = {}
+    for spool in sorted(Path(folder).glob(f"{prefix}-*{SPOOL_SUFFIX}")):
+        with contextlib.suppress(FileNotFoundError):
+            if older_than and spool.stat().st_mtime > cutoff:
+                continue
+            worker = spool.name[len(prefix) + 1:].split("-", 1)[0]
+            writer = by_worker.setdefault(worker, ParquetLog(folder, prefix, TABLES[prefix], worker=worker))
+            writer.convert(spool)
+            made += 1
+    return made
+
+
 def read_log(folder: Path, prefix: str) -> pa.Table:
-    """Every complete file of one log folder as one table (temp files never included)."""
-    files = sorted(Path(folder).glob(f"{prefix}-*{PARQUET_SUFFIX}"))
-    if not files:
-        schema = REQUEST_SCHEMA if prefix == REQUESTS_PREFIX else EVENT_SCHEMA
-        return schema.empty_table()
-    return pa.concat_tables([pq.read_table(p) for p in files])
+    """Every complete file of one log folder as one table: Parquet files and spools not converted yet.
+
+    Rows that are there twice (a compaction or conversion cut short) are kept once. A file that
+    disappears while being read (a live writer compacted it) restarts the read.
+    """
+    for _ in range(10):
+        with contextlib.suppress(FileNotFoundError):
+            return _read_once(Path(folder), prefix)
+    return _read_once(Path(folder), prefix)
 
 
-__all__ = ["EVENTS_DIR", "EVENT_SCHEMA", "ITEMS_CAP", "REQUESTS_DIR", "REQUEST_SCHEMA", "ParquetLog", "event_line",
-           "event_log", "event_table", "now_us", "read_log", "record_id", "request_line", "request_log", "request_table"]
+def _read_once(folder: Path, prefix: str) -> pa.Table:
+    tables = []
+    # Spools first, each read at once: one converted and deleted meanwhile is then in the Parquet listing.
+    for spool in sorted(folder.glob(f"{prefix}-*{SPOOL_SUFFIX}")):
+        with contextlib.suppress(FileNotFoundError):
+            tables.append(TABLES[prefix](spool.read_bytes().split(b"\n")))
+    tables += [pq.read_table(p) for p in sorted(folder.glob(f"{prefix}-*{PARQUET_SUFFIX}"))]
+    if not tables:
+        return SCHEMAS[prefix].empty_table()
+    table = pa.concat_tables(tables)
+    keys = list(ROW_KEYS[prefix])
+    first = table.append_column("_row", pa.array(range(table.num_rows), pa.int64())).group_by(
+        keys, use_threads=False).aggregate([("_row", "min")]).column("_row_min")
+    return table.take(pc.take(first, pc.sort_indices(first)))
+
+
+__all__ = ["EVENTS_DIR", "EVENT_SCHEMA", "ITEMS_CAP", "REQUESTS_DIR", "REQUEST_SCHEMA", "ParquetLog", "convert_spools",
+           "event_line", "event_log", "event_table", "now_us", "read_log", "record_id", "request_line", "request_log",
+           "request_table"]

@@ -10,9 +10,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -20,12 +21,14 @@ from core.serving.outcome_log import (
     EVENT_SCHEMA,
     REQUEST_SCHEMA,
     ParquetLog,
+    convert_spools,
     event_line,
     event_log,
     now_us,
     read_log,
     request_line,
     request_log,
+    request_table,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -42,6 +45,19 @@ def _wait(cond: object, timeout: float = 30.0) -> None:
     while not cond():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not met"
         time.sleep(0.01)
+
+
+def _converters(folder: Path) -> list[int]:
+    """Pids of running log converters for ``folder`` (from /proc: they outlive the writer that started them)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"core.serving.log_converter" in args and str(folder).encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
 
 
 def test_flushed_rows_match_the_contract_schema(tmp_path: Path) -> None:
@@ -79,12 +95,12 @@ class _DiskFullOnce(ParquetLog):
 
     fail_next = True
 
-    def write_file(self, table: pa.Table, path: Path) -> None:
+    def write_file(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
         if self.fail_next:
             self.fail_next = False
-            path.write_bytes(b"PAR1 half a file")
+            path.write_bytes(b"half a file")
             raise OSError(errno.ENOSPC, "No space left on device")
-        super().write_file(table, path)
+        super().write_file(path, write)
 
 
 def test_a_full_disk_loses_that_batch_only_and_leaves_no_partial_file(tmp_path: Path) -> None:
@@ -105,10 +121,10 @@ class _StuckDisk(ParquetLog):
     release = threading.Event()
     entered = threading.Event()
 
-    def write_file(self, table: pa.Table, path: Path) -> None:
+    def write_file(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
         self.entered.set()
         self.release.wait()
-        super().write_file(table, path)
+        super().write_file(path, write)
 
 
 def test_submitting_never_waits_for_a_stalled_writer(tmp_path: Path) -> None:
@@ -144,7 +160,7 @@ def test_rotation_compacts_this_writers_files_into_one(tmp_path: Path) -> None:
 CRASH_CHILD = """
 import sys, uuid
 from core.serving.outcome_log import request_line, request_log, now_us
-log = request_log(sys.argv[1], worker="crash")
+log = request_log(sys.argv[1], worker="crash", converter=sys.argv[2])
 batch = 0
 while True:
     for i in range(20_000):
@@ -156,10 +172,11 @@ while True:
 """
 
 
-@pytest.mark.parametrize("kill_after_batches", [2, 3])
-def test_a_crash_mid_write_loses_at_most_the_last_batch(tmp_path: Path, kill_after_batches: int) -> None:
+@pytest.mark.parametrize(("kill_after_batches", "converter"), [(2, "thread"), (3, "thread"), (2, "process")])
+def test_a_crash_mid_write_loses_at_most_the_last_batch(tmp_path: Path, kill_after_batches: int,
+                                                        converter: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(tmp_path)], cwd=REPO, env=env,
+    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(tmp_path), converter], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     done = 0
@@ -170,10 +187,42 @@ def test_a_crash_mid_write_loses_at_most_the_last_batch(tmp_path: Path, kill_aft
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     folder = tmp_path / "requests"
-    visible = sorted(folder.glob("requests-*.parquet"))
-    tables = [pq.read_table(p) for p in visible]  # every visible file is complete and readable
-    assert all(t.num_rows == 20_000 for t in tables)
-    rows = sum(t.num_rows for t in tables)
-    assert rows >= done * 20_000  # everything flushed before the crash survived
-    assert rows <= (done + 1) * 20_000
-    assert len({rid for t in tables for rid in t.column("request_id").to_pylist()}) == rows
+    if converter == "process":
+        # The killed writer's pipe closed: its converter turns the spools left into Parquet and exits.
+        _wait(lambda: not _converters(folder), timeout=60)
+        assert not list(folder.glob("requests-*.jsonl"))
+    for p in folder.glob("requests-*.parquet"):  # every visible file is complete and readable
+        assert pq.read_table(p).num_rows in (20_000, 40_000, 60_000, 80_000)  # a batch, or a compaction of some
+    for p in folder.glob("requests-*.jsonl"):  # a spool the thread had not converted yet: complete too
+        assert request_table(p.read_bytes().split(b"\n")).num_rows == 20_000
+    table = read_log(folder, "requests")
+    assert done * 20_000 <= table.num_rows <= (done + 1) * 20_000  # all flushed before the crash survived
+    assert len(set(table.column("request_id").to_pylist())) == table.num_rows
+
+
+def test_the_converter_process_writes_parquet_off_the_writer_and_finishes_at_close(tmp_path: Path) -> None:
+    log = request_log(tmp_path, converter="process", flush_seconds=0.05)
+    log.start()
+    for i in range(3):
+        log.submit(_row(i))
+    _wait(lambda: len(list((tmp_path / "requests").glob("requests-*.parquet"))) == 1)
+    assert log.stats()["converter"]["running"] and log.written_files == 0  # the Parquet came from the child
+    for i in range(3, 5):
+        log.submit(_row(i))
+    log.close()  # the last batch is spooled, converted, and the two files compacted
+    folder = tmp_path / "requests"
+    assert not list(folder.glob("*.jsonl")) and not log.stats()["converter"]["running"]
+    files = list(folder.glob("requests-*.parquet"))
+    assert len(files) == 1 and pq.read_table(files[0]).column("session").to_pylist() == [f"s{i}" for i in range(5)]
+
+
+def test_read_log_reads_spools_and_keeps_a_row_seen_twice_once(tmp_path: Path) -> None:
+    log = request_log(tmp_path, converter="process")  # never started: spools stay as written
+    rows = [_row(i) for i in range(4)]
+    log._write("requests-w1-20260101T000000000000Z-000001.jsonl", lambda fh: fh.write(b"\n".join(rows[:2])))
+    log._write("requests-w1-20260101T000000000000Z-000002.jsonl", lambda fh: fh.write(b"\n".join(rows)))
+    folder = tmp_path / "requests"
+    table = read_log(folder, "requests")
+    assert table.schema.equals(REQUEST_SCHEMA) and table.column("session").to_pylist() == ["s0", "s1", "s2", "s3"]
+    assert convert_spools(folder, "requests") == 2 and not list(folder.glob("*.jsonl"))
+    assert read_log(folder, "requests").column("session").to_pylist() == ["s0", "s1", "s2", "s3"]
