@@ -14,6 +14,7 @@ or an arm are not outcomes of any arm.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from core.config import PipelineConfig
 from core.errors import OutcomeLogError
 from core.online.settings import EVENTS_DIR, LEARNERS_FILE, REQUESTS_DIR, ABReportSettings
 from core.records import ITEM, TIME, USER
-from core.serving.outcome_log import convert_spools
+from core.serving.outcome_log import SPOOL_SUFFIX, read_spool
 
 UNASSIGNED = "unassigned"
 OUTCOME_SCHEMA = pl.Schema({"session": pl.String, "item": pl.String, "time": pl.Datetime("us", "UTC"),
@@ -38,19 +39,22 @@ REQUEST_COLUMNS = ("request_id", "ts", "experiment", "arm", "shadow", "entry", "
 def _read_dir(folder: Path, what: str) -> pl.DataFrame | None:
     """Every ``*.parquet`` in ``folder`` as one frame; None when there is none.
 
-    Spools a server left unconverted (it was killed with its converter) are converted first.
+    Spools (JSON lines the server's converter has not turned into Parquet yet) are read too.
     """
-    if folder.is_dir():
-        try:
-            convert_spools(folder, folder.name)
-        except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError: a spool that is not the log's
-            raise OutcomeLogError(f"cannot convert the {what}'s spools under {folder}: {exc}") from None
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
+    if not folder.is_dir():
         return None
     try:
-        return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-    except (pl.exceptions.PolarsError, OSError) as exc:
+        # Spools first: one converted meanwhile is then in the Parquet listing (a reader may see a row
+        # twice, never miss one; the callers keep each row once).
+        frames = []
+        for spool in sorted(folder.glob(f"*{SPOOL_SUFFIX}")):
+            with contextlib.suppress(FileNotFoundError):
+                frames.append(pl.from_arrow(read_spool(spool, folder.name)))
+        frames += [pl.read_parquet(f) for f in sorted(folder.glob("*.parquet"))]
+        if not frames:
+            return None
+        return pl.concat(frames, how="diagonal_relaxed")
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OutcomeLogError(f"cannot read the {what} under {folder}: {first}") from None
 

@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -57,6 +58,8 @@ PARQUET_SUFFIX = ".parquet"
 SPOOL_SUFFIX = ".jsonl"  # a flushed batch before its conversion to Parquet
 TEMP_SUFFIX = ".tmp"
 ITEMS_CAP = 200  # a longer request history is logged as counts only (n_items, n_unknown)
+CONVERTER_START_SECONDS = 60.0
+READY = b"ready\n"  # the converter's one line on stdout, once it can take spools
 STALE_TEMP_SECONDS = 600.0  # temp files older than this at start are leftovers of a crash
 
 TS = pa.timestamp("us", tz="UTC")
@@ -242,6 +245,8 @@ class ParquetLog:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name=f"recflow-{self.prefix}-log", daemon=True)
             self._thread.start()
+            if self.converter == "process":
+                self._start_child()  # now, not at the first flush: its start-up is its biggest CPU burst
 
     def close(self) -> None:
         """Write what is queued, convert and compact, and stop the writer (and its converter)."""
@@ -277,7 +282,7 @@ class ParquetLog:
             if not rows:
                 return 0
             try:
-                self._write(self._name(SPOOL_SUFFIX), lambda fh: fh.write(b"\n".join(rows)))
+                self._write(self.file_name(SPOOL_SUFFIX), lambda fh: fh.write(b"\n".join(rows)))
             except Exception as exc:  # ENOSPC, EIO: this batch is lost, never the server
                 self.dropped_failed += len(rows)
                 self._error(f"{len(rows)} rows dropped: {type(exc).__name__}: {exc}")
@@ -307,7 +312,7 @@ class ParquetLog:
 
     def convert(self, spool: Path) -> Path:
         """One spool to the Parquet file of the same name (temp, fsync, rename); the spool deleted after."""
-        table = self.to_table(spool.read_bytes().split(b"\n"))
+        table = self.to_table(spool.read_bytes().split(b"\n"))  # read_spool, with this writer's to_table
         final = self._write(spool.name[: -len(SPOOL_SUFFIX)] + PARQUET_SUFFIX,
                             lambda fh: pq.write_table(table, fh, compression="zstd"))
         with contextlib.suppress(FileNotFoundError):
@@ -331,7 +336,7 @@ class ParquetLog:
                 return None
             try:
                 table = pa.concat_tables([pq.read_table(p) for p in small])
-                path = self._write(self._name(PARQUET_SUFFIX), lambda fh: pq.write_table(table, fh, compression="zstd"))
+                path = self._write(self.file_name(PARQUET_SUFFIX), lambda fh: pq.write_table(table, fh, compression="zstd"))
             except Exception as exc:  # the small files stay: nothing lost, only not compacted
                 self._error(f"compaction skipped: {type(exc).__name__}: {exc}")
                 return None
@@ -345,20 +350,31 @@ class ParquetLog:
 
     def _notify_child(self) -> None:
         """Tell the converter a spool is waiting (one line on its stdin); start it if it is not running."""
+        if os.environ.get("XNOCONV"):
+            return
         child = self._child
         if child is None or child.poll() is not None:
             if child is not None:
                 self._error(f"the log converter exited with code {child.returncode}; starting a new one")
-            child = self._child = subprocess.Popen(
-                [sys.executable, "-m", "core.serving.log_converter", str(self.folder), self.prefix, self.worker,
-                 str(self.rotate_seconds)],
-                stdin=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+            child = self._start_child()
         try:
             assert child.stdin is not None
             child.stdin.write(b"\n")
             child.stdin.flush()
         except OSError as exc:  # it died just now: the spool stays on disk, the next flush restarts it
             self._error(f"the log converter is gone ({exc.strerror or exc}); spools wait on disk")
+
+    def _start_child(self) -> subprocess.Popen[bytes]:
+        """Start the converter and wait until it is ready, so its start-up (imports) is over before serving."""
+        child = self._child = subprocess.Popen(
+            [sys.executable, "-m", "core.serving.log_converter", str(self.folder), self.prefix, self.worker,
+             str(self.rotate_seconds)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], CONVERTER_START_SECONDS)
+        if not ready or child.stdout.readline() != READY:
+            self._error(f"the log converter did not start in {CONVERTER_START_SECONDS:.0f} s; spools wait on disk")
+        return child
 
     def _stop_child(self, timeout: float = 60.0) -> None:
         child, self._child = self._child, None
@@ -376,7 +392,8 @@ class ParquetLog:
 
     # ----------------------------------------------------------------- files
 
-    def _name(self, suffix: str) -> str:
+    def file_name(self, suffix: str) -> str:
+        """The next file name of this writer: prefix, worker, UTC time, sequence number, suffix."""
         self._seq += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         return f"{self.prefix}-{self.worker}-{stamp}-{self._seq:06d}{suffix}"
@@ -450,6 +467,11 @@ def convert_spools(folder: Path, prefix: str, *, older_than: float = 0.0) -> int
     return made
 
 
+def read_spool(spool: Path, prefix: str) -> pa.Table:
+    """One spool (``requests`` or ``events`` lines) as a table in its log's schema."""
+    return TABLES[prefix](spool.read_bytes().split(b"\n"))
+
+
 def read_log(folder: Path, prefix: str) -> pa.Table:
     """Every complete file of one log folder as one table: Parquet files and spools not converted yet.
 
@@ -467,7 +489,7 @@ def _read_once(folder: Path, prefix: str) -> pa.Table:
     # Spools first, each read at once: one converted and deleted meanwhile is then in the Parquet listing.
     for spool in sorted(folder.glob(f"{prefix}-*{SPOOL_SUFFIX}")):
         with contextlib.suppress(FileNotFoundError):
-            tables.append(TABLES[prefix](spool.read_bytes().split(b"\n")))
+            tables.append(read_spool(spool, prefix))
     tables += [pq.read_table(p) for p in sorted(folder.glob(f"{prefix}-*{PARQUET_SUFFIX}"))]
     if not tables:
         return SCHEMAS[prefix].empty_table()
@@ -479,5 +501,5 @@ def _read_once(folder: Path, prefix: str) -> pa.Table:
 
 
 __all__ = ["EVENTS_DIR", "EVENT_SCHEMA", "ITEMS_CAP", "REQUESTS_DIR", "REQUEST_SCHEMA", "ParquetLog", "convert_spools",
-           "event_line", "event_log", "event_table", "now_us", "read_log", "record_id", "request_line", "request_log",
+           "event_line", "event_log", "event_table", "now_us", "read_log", "read_spool", "record_id", "request_line", "request_log",
            "request_table"]
