@@ -687,7 +687,8 @@ def _experimenting(watcher: ChampionWatcher, batcher: _Batcher, log_dir: Path, e
                        load_or_create_key(log_dir), pseudonym_key)
     # Requests: one line per answer, converted to Parquet by a child process (off this process's
     # CPU and GIL); events are few, so their writer thread converts them itself.
-    return _Experimenting(router, batcher, request_log(log_dir, converter="process", flush_seconds=0.25), event_log(log_dir), poll_seconds,
+    requests = request_log(log_dir, converter="process", flush_seconds=0.25, rotate_seconds=60.0)
+    return _Experimenting(router, batcher, requests, event_log(log_dir), poll_seconds,
                           os.environ.get(ENV_EVENTS_TOKEN, "").strip() or None)
 
 
