@@ -366,10 +366,12 @@ class ParquetLog:
 
     def _start_child(self) -> subprocess.Popen[bytes]:
         """Start the converter and wait until it is ready, so its start-up (imports) is over before serving."""
+        root = str(Path(__file__).resolve().parents[2])  # where `core` is, installed or a checkout
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         child = self._child = subprocess.Popen(
-            [sys.executable, "-m", "core.serving.log_converter", str(self.folder), self.prefix, self.worker,
+            [sys.executable, "-m", "core.serving.log_converter", str(self.folder.resolve()), self.prefix, self.worker,
              str(self.rotate_seconds)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert child.stdout is not None
         ready, _, _ = select.select([child.stdout], [], [], CONVERTER_START_SECONDS)
         if not ready or child.stdout.readline() != READY:
