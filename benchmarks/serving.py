@@ -413,7 +413,8 @@ def main() -> None:
     ap.add_argument("--allow-unverified", action="store_true", help="serve a version without checksums.json")
     ap.add_argument("--ab", action="store_true", help="(c): interleaved plain vs two arms + outcome log")
     ap.add_argument("--ab-sessions", type=int, default=10_000, help="distinct learners (= requests) per A/B run")
-    ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved plain / A/B pairs")
+    ap.add_argument("--ab-rounds", type=int, default=7,
+                    help="interleaved rounds (one p99 moves with whatever else runs: read the median of several)")
     ap.add_argument("--ab-weight", type=float, default=0.5, help="the first arm's weight (the second: 1 - it)")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
     args = ap.parse_args()

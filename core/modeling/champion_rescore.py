@@ -15,9 +15,13 @@ RecBole loaders and evaluator (same users, same targets, same masking, same metr
   row of tonight's ``X`` the candidate scores from; unknown items dropped), so users new
   tonight are ranked too.
 
-A champion without an ONNX graph (a model that does not export), or a rating (pairs)
-champion, cannot be re-scored here; ``rescore_champion`` raises ``ChampionNotComparableError``
-and the gate falls back to Pop.
+A rating champion (FM's pairs graph) rates tonight's held-out (user, item) pairs
+(``rating_champion``; the evaluation computes RMSE/MAE from it as for the candidate). A pair
+whose user or item the champion never saw gets the middle of its rating scale: in production
+it could not rate it either.
+
+A champion without an ONNX graph (a model that does not export) cannot be re-scored here;
+``rescore_champion`` raises ``ChampionNotComparableError`` and the gate falls back to the baseline.
 
 The champion's files are read through the artifact contract's verifier
 (``core.release.artifacts.VersionReader``): each is read once and those very bytes, checked
@@ -40,6 +44,7 @@ from core.modeling.dataset import RecBoleData
 from core.modeling.training import make_trainer
 from core.release.artifacts import (
     HISTORY_INPUT,
+    ITEM_INPUT,
     ITEM_SEQ_INPUT,
     ITEM_SEQ_LEN_INPUT,
     ITEM_VOCAB_FILE,
@@ -53,7 +58,69 @@ from core.release.artifacts import (
 UNRANKED = -1.0e9
 
 
-__all__ = ["UNRANKED", "ChampionNotComparable", "ChampionNotComparableError", "rescore_champion"]
+__all__ = ["UNRANKED", "ChampionNotComparable", "ChampionNotComparableError", "rating_champion", "rescore_champion"]
+
+
+def _to_champion_ids(champ_tokens: list[str], tonight_tokens: Any) -> np.ndarray:
+    """tonight's internal id -> the champion's (0: padding, or a token the champion does not know)."""
+    index = {tok: i for i, tok in enumerate(champ_tokens) if i > 0}
+    return np.asarray([0] + [index.get(str(t), 0) for t in list(tonight_tokens)[1:]], dtype=np.int64)
+
+
+class _OnnxRatingChampion(torch.nn.Module):
+    """A rating champion's pairs graph as a RecBole-shaped model: ``predict`` rates tonight's
+    (user, item) pairs on tonight's [0, 1] label scale (what ``evaluation`` maps back)."""
+
+    def __init__(self, champion_dir: Path, data: RecBoleData) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        if not (champion_dir / MODEL_FILE).is_file():
+            raise ChampionNotComparableError(f"champion {champion_dir.name} has no {MODEL_FILE} to re-score")
+        try:
+            reader = VersionReader.open(champion_dir, allow_unverified=True)
+            model_bytes = reader.read(MODEL_FILE)
+            signature = reader.signature()
+            champ_items = reader.json(ITEM_VOCAB_FILE)
+            champ_users = reader.json(USER_VOCAB_FILE) if reader.has(USER_VOCAB_FILE) else []
+        except RegistryError as exc:
+            raise ChampionNotComparableError(str(exc)) from None
+        if not signature.rates_pairs:
+            raise ChampionNotComparableError(f"champion {champion_dir.name} ranks items; a rating run cannot "
+                                             "compare it")
+        if data.rating_scale is None:
+            raise ChampionNotComparableError("this run has no rating scale to compare ratings on")
+        ds = data.dataset
+        self.user_to_champ = _to_champion_ids(champ_users, ds.field2id_token[ds.uid_field])
+        self.item_to_champ = _to_champion_ids(champ_items, ds.field2id_token[ds.iid_field])
+        champ_lo, champ_hi = (float(v) for v in signature.raw.get("rating_scale") or data.rating_scale)
+        self.unknown_rating = (champ_lo + champ_hi) / 2
+        self.lo, self.span = float(data.rating_scale[0]), float(data.rating_scale[1] - data.rating_scale[0])
+        self.user_field, self.item_field = ds.uid_field, ds.iid_field
+        self.output = signature.output
+        self.rated = self.pairs = 0  # pairs the champion could rate, of all it was asked
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(torch.get_num_threads(), 1)
+        self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+    def predict(self, interaction: Any) -> torch.Tensor:
+        users = self.user_to_champ[interaction[self.user_field].cpu().numpy()]
+        items = self.item_to_champ[interaction[self.item_field].cpu().numpy()]
+        known = (users > 0) & (items > 0)
+        rating = np.full(len(users), self.unknown_rating, dtype=np.float64)
+        if known.any():
+            rating[known] = self.session.run([self.output], {USER_INPUT: users[known], ITEM_INPUT: items[known]})[0]
+        self.rated += int(known.sum())
+        self.pairs += len(users)
+        return torch.from_numpy((rating - self.lo) / self.span)
+
+
+def rating_champion(data: RecBoleData, champion_dir: Path) -> _OnnxRatingChampion:
+    """The rating champion in ``champion_dir`` as a model whose ``predict`` rates ``data``'s pairs.
+
+    Raises ``ChampionNotComparableError`` when it cannot (no graph, a ranking model, a bad file).
+    """
+    return _OnnxRatingChampion(Path(champion_dir), data).eval()
 
 
 class _OnnxChampion(torch.nn.Module):
@@ -75,16 +142,13 @@ class _OnnxChampion(torch.nn.Module):
         except RegistryError as exc:  # checksum mismatch, unreadable or malformed file
             raise ChampionNotComparableError(str(exc)) from None
         if signature.rates_pairs:
-            raise ChampionNotComparableError(f"champion {champion_dir.name} is a rating model; only ranking "
-                                             "champions are re-scored")
+            raise ChampionNotComparableError(f"champion {champion_dir.name} is a rating model; a ranking run "
+                                             "cannot compare it")
         self.signature: dict[str, Any] = dict(signature.raw)
         self.max_seq_length = signature.max_seq_length
         self.output = signature.output
-        champ_item_index = {tok: i for i, tok in enumerate(champ_items) if i > 0}
         ds = data.dataset
-        tonight_items = [str(t) for t in ds.field2id_token[ds.iid_field]]
-        # tonight id -> champion id (0: the champion does not know the item, or padding)
-        self.to_champ = np.asarray([0] + [champ_item_index.get(t, 0) for t in tonight_items[1:]], dtype=np.int64)
+        self.to_champ = _to_champion_ids(champ_items, ds.field2id_token[ds.iid_field])
         if not self.to_champ.any():
             raise ChampionNotComparableError("the champion knows none of tonight's items")
         self.sequential = signature.sequential
@@ -95,11 +159,7 @@ class _OnnxChampion(torch.nn.Module):
             # Tonight's training matrix (user x item counts): what tonight's candidate scores from.
             self.train_rows = sp.csr_matrix(data.train.dataset.inter_matrix(form="csr"))
         elif not self.sequential:
-            champ_user_index = {tok: i for i, tok in enumerate(champ_users) if i > 0}
-            tonight_users = [str(t) for t in ds.field2id_token[ds.uid_field]]
-            self.user_to_champ = np.asarray(
-                [0] + [champ_user_index.get(t, 0) for t in tonight_users[1:]], dtype=np.int64
-            )
+            self.user_to_champ = _to_champion_ids(champ_users, ds.field2id_token[ds.uid_field])
         cfg = data.config
         self.item_seq_field = cfg["ITEM_ID_FIELD"] + cfg["LIST_SUFFIX"]
         self.item_len_field = cfg["ITEM_LIST_LENGTH_FIELD"]

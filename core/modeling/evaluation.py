@@ -8,8 +8,8 @@ Rating (``evaluation.task: rating``): RMSE and MAE of the predicted rating for e
 rating; lower wins.
 
 The candidate is compared with the champion on the same test set: the champion's stored
-metrics when it was measured on the same data and protocol, else (ranking) the champion's
-ONNX model re-scored on this run's split.
+metrics when it was measured on the same data and protocol, else the champion's ONNX model
+re-scored on this run's split (``core.modeling.champion_rescore``; rating champions too).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from core.config import PipelineConfig
 from core.errors import DataValidationError
 from core.modeling import recbole_adapter as rb
-from core.modeling.champion_rescore import ChampionNotComparable, rescore_champion
+from core.modeling.champion_rescore import ChampionNotComparable, rating_champion, rescore_champion
 from core.modeling.dataset import RecBoleData, check_data, load_recbole_data
 from core.modeling.trainer_mixin import make_trainer
 from core.modeling.training import load_trained
@@ -349,15 +349,21 @@ def _champion_metrics(
     if comparable(card, splits):
         return card.get("metrics", {}).get("test"), None
     version = card.get("version")
-    if rating or champion_dir is None:
+    if champion_dir is None:
         return None, None
     if card.get("data", {}).get("eval_protocol") != splits.eval_protocol:
         return None, f"champion {version} was evaluated under another protocol; it cannot be re-scored"
     try:
-        metrics = rescore_champion(data, champion_dir, checkpoint_dir / "champion.pth")
+        if rating:
+            champion = rating_champion(data, champion_dir)
+            pred, true = _rating_predictions(data, champion, data.test)
+            metrics = _errors_to_metrics(pred - true)
+            rated = f" ({champion.rated} of {champion.pairs} pairs rated; the rest at mid-scale)"
+        else:
+            metrics, rated = rescore_champion(data, champion_dir, checkpoint_dir / "champion.pth"), ""
     except ChampionNotComparable as exc:
         return None, f"champion {version} cannot be re-scored on this data: {exc}"
-    return metrics, f"champion {version} was trained on other data: re-scored on this run's test set"
+    return metrics, f"champion {version} was trained on other data: re-scored on this run's test set{rated}"
 
 
 def metrics_table(evaluation: Evaluation) -> list[dict[str, Any]]:

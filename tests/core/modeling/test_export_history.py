@@ -18,7 +18,7 @@ from recbole.data.interaction import Interaction
 from recflow_testdata import N_ITEMS
 
 from core.modeling.champion_rescore import rescore_champion
-from core.modeling.evaluation import ranking_metrics
+from core.modeling.evaluation import _champion_metrics, ranking_metrics, rating_metrics
 from core.modeling.training import load_trained
 from core.release.artifacts import MODEL_FILE, SIGNATURE_FILE, USER_VOCAB_FILE
 from core.serving.scorer import OnnxScorer, mask_scores, top_k
@@ -175,3 +175,40 @@ def test_history_champion_is_rescored_like_the_candidate(ease: ExportedRun, tmp_
     assert rescored.keys() == test.keys()
     for key, value in test.items():
         assert rescored[key] == pytest.approx(value, abs=1e-6), key
+
+
+def _other_data_card(run: ExportedRun) -> dict[str, object]:
+    """A champion's card (the parts the gate reads) for a version trained on another night's data."""
+    return {"version": "v0", "data": {"fingerprint": "another-night", "eval_protocol": run.splits.eval_protocol}}
+
+
+def test_rating_champion_is_rescored_like_the_candidate(fm: ExportedRun, tmp_path: Path) -> None:
+    """FM's pairs graph, re-scored as a champion trained on other data, gets the model's own test RMSE/MAE."""
+    _, test = rating_metrics(fm.data, _model(fm))
+    metrics, reason = _champion_metrics(_other_data_card(fm), fm.export_dir, fm.splits, fm.data,
+                                        tmp_path, rating=True)
+    assert metrics is not None and metrics.keys() == test.keys() == {"rmse", "mae"}
+    for key, value in test.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-4), key
+    assert reason is not None and "re-scored on this run's test set" in reason
+    pairs = sum(len(b[0] if isinstance(b, tuple) else b) for b in fm.data.test)
+    assert f"({pairs} of {pairs} pairs rated" in reason
+
+
+def test_pairs_a_rating_champion_cannot_rate_get_the_middle_of_its_scale(fm: ExportedRun, tmp_path: Path) -> None:
+    champion = tmp_path / "champion"
+    shutil.copytree(fm.export_dir, champion)
+    users = json.loads((champion / USER_VOCAB_FILE).read_text())
+    (champion / USER_VOCAB_FILE).write_text(json.dumps(users[:1] + [f"gone-{u}" for u in users[1:]]))
+    metrics, reason = _champion_metrics(_other_data_card(fm), champion, fm.splits, fm.data, tmp_path, rating=True)
+    true = np.concatenate([(b[0] if isinstance(b, tuple) else b)["rating"].double().numpy() for b in fm.data.test])
+    errors = 3.0 - (true * 4.0 + 1.0)  # every pair at the middle of 1-5
+    assert metrics == {"rmse": round(float(np.sqrt(np.mean(errors**2))), 6),
+                       "mae": round(float(np.mean(np.abs(errors))), 6)}
+    assert reason is not None and "(0 of" in reason
+
+
+def test_a_ranking_champion_cannot_gate_a_rating_run(fm: ExportedRun, ease: ExportedRun, tmp_path: Path) -> None:
+    metrics, reason = _champion_metrics(_other_data_card(fm), ease.export_dir, fm.splits, fm.data, tmp_path,
+                                        rating=True)
+    assert metrics is None and reason is not None and "ranks items" in reason
