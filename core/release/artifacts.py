@@ -83,7 +83,8 @@ ARTIFACTS: tuple[ArtifactFile, ...] = (
     ArtifactFile(CONFIG_FILE, "the run's resolved config", required=True),
     ArtifactFile(CHECKPOINT_FILE, "the trained checkpoint", required=True),
     ArtifactFile(CHECKSUMS_FILE, "{file name: sha256} of every other file", required=True),
-    ArtifactFile(DATA_PROFILE_FILE, "training data profile for drift checks (core/online/profile.py)", consumers=frozenset({ONLINE})),
+    ArtifactFile(DATA_PROFILE_FILE, "training data profile: drift checks (core/online/profile.py), popular items "
+                 "for learners with no known item (serving)", consumers=frozenset({ONLINE, SERVING})),
 )
 BY_NAME: dict[str, ArtifactFile] = {a.name: a for a in ARTIFACTS}
 

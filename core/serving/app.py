@@ -115,6 +115,8 @@ class RecommendationResponse(BaseModel):
     items: list[RecommendedItem] = Field(description="Best first; never padding, never seen items when excluded.")
     arm: str | None = Field(None, description="The A/B arm that answered (served with --arm/--shadow/--log-dir only).")
     request_id: str | None = Field(None, description="The outcome log's id of this answer (with --log-dir only).")
+    fallback: str | None = Field(None, description="'popular' when the request held no item the model knows: the "
+                                 "training data's most popular items, scored by their share of interactions.")
 
 
 class Health(BaseModel):
@@ -312,6 +314,7 @@ class _Job:
     history: np.ndarray  # internal item ids, oldest first
     k: int
     exclude: np.ndarray | None
+    popular: bool = False  # no item the model knows: the training data's most popular items answer
 
 
 def _validate(model: LoadedModel, req: RecommendationRequest) -> _Job:
@@ -340,13 +343,14 @@ def _validate(model: LoadedModel, req: RecommendationRequest) -> _Job:
                                f"send \"ignore_unknown\": true to drop them")
     known = np.asarray(ids, dtype=np.int64)
     uid = PADDING
-    if scorer.sequential:
-        if req.user is not None:
+    if scorer.sequential or scorer.takes_history:
+        if scorer.sequential and req.user is not None:
             raise BadRequestError(422, f"{model.name} is a sequential model: send the user's recent \"items\", not \"user\"")
-    elif scorer.takes_history:  # EASE, ItemKNN: the items are the input, any user (a "user" is ignored)
-        if not len(known):
+        if not len(known) and scorer.popular:  # a learner new to the model: nothing to score from
+            return _Job(model, uid, known, req.k, known if req.exclude_seen else None, popular=True)
+        if not len(known) and scorer.takes_history:  # EASE, ItemKNN: the items are the input, any user
             raise BadRequestError(422, f"{model.name} scores the request's history: send at least one item it "
-                                   f"knows in \"items\"")
+                                   f"knows in \"items\" (this version has no popular items to fall back on)")
     else:
         if req.user is None:
             raise BadRequestError(422, f"{model.name} is a user model: send \"user\" (a user id it was trained on); "
@@ -362,6 +366,12 @@ def _payload(job: _Job, scores: np.ndarray) -> dict[str, Any]:
     top = job.model.scorer.top_items(scores, job.k, job.exclude, inplace=True)  # the row is this job's own
     return {"model": job.model.name, "version": job.model.version,
             "items": [{"item": i, "score": s} for i, s in top]}
+
+
+def _popular_payload(job: _Job) -> dict[str, Any]:
+    top = job.model.scorer.popular_items(job.k, job.exclude)
+    return {"model": job.model.name, "version": job.model.version,
+            "items": [{"item": i, "score": s} for i, s in top], "fallback": "popular"}
 
 
 class _Batcher:
@@ -382,6 +392,8 @@ class _Batcher:
         self._lock = threading.Lock()
 
     async def score(self, job: _Job) -> dict[str, Any]:
+        if job.popular:  # no model call: answered here, for every route and arm alike
+            return _popular_payload(job)
         if self._thread is None:
             self.start()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

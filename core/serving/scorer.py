@@ -17,6 +17,7 @@ import numpy as np
 
 from core.errors import RegistryError, ServingError
 from core.release.artifacts import (
+    DATA_PROFILE_FILE,
     HISTORY_INPUT,
     ITEM_INPUT,
     ITEM_SEQ_INPUT,
@@ -94,6 +95,12 @@ class OnnxScorer:
         self.signature: dict[str, Any] = dict(signature.raw)
         self.items: list[str] = self._reader.json(ITEM_VOCAB_FILE)
         self.item_index = {tok: i for i, tok in enumerate(self.items)}
+        # The training data's most popular items (data_profile.json, when the version has one): the
+        # answer for a learner with no item the model knows, instead of a model call on nothing.
+        profile = self._reader.json(DATA_PROFILE_FILE) if self._reader.has(DATA_PROFILE_FILE) else {}
+        self.popular: list[tuple[int, float]] = [
+            (self.item_index[tok], float(share)) for tok, share in profile.get("top_items", [])
+            if self.item_index.get(tok, PADDING) != PADDING]
         users: list[str] = self._reader.json(USER_VOCAB_FILE) if self._reader.has(USER_VOCAB_FILE) else []
         self.user_index = {tok: i for i, tok in enumerate(users)}
         self.kind = signature.kind
@@ -161,6 +168,12 @@ class OnnxScorer:
     def run_batch(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """Raw model call: ``feed`` as in the signature's inputs, [B, n_items + 1] scores out."""
         return self.session.run(self._output, feed)[0]
+
+    def popular_items(self, k: int, exclude: np.ndarray | None) -> list[tuple[str, float]]:
+        """(item, share of training rows) for the k most popular items not in ``exclude``."""
+        skip = set(exclude.tolist()) if exclude is not None else set()
+        items = self.items
+        return [(items[i], share) for i, share in self.popular if i not in skip][:k]
 
     def top_items(self, scores: np.ndarray, k: int, exclude: np.ndarray | None, *,
                   inplace: bool = False) -> list[tuple[str, float]]:

@@ -88,8 +88,9 @@ def test_no_checksums_file_is_refused_unless_allowed(version: Path) -> None:
 def test_the_file_list_is_declarative_and_consumers_derive_from_it() -> None:
     names = [a.name for a in artifacts.ARTIFACTS]
     assert len(names) == len(set(names))
-    assert artifacts.SCORER_FILES == (MODEL_FILE, artifacts.SIGNATURE_FILE, artifacts.ITEM_VOCAB_FILE, USER_VOCAB_FILE)
-    assert set(artifacts.files_for(artifacts.RESCORE)) == set(artifacts.SCORER_FILES)
+    assert artifacts.SCORER_FILES == (MODEL_FILE, artifacts.SIGNATURE_FILE, artifacts.ITEM_VOCAB_FILE, USER_VOCAB_FILE,
+                                      artifacts.DATA_PROFILE_FILE)  # the profile: popular items for cold starts
+    assert set(artifacts.files_for(artifacts.RESCORE)) == set(artifacts.SCORER_FILES) - {artifacts.DATA_PROFILE_FILE}
     from core.serving import scorer
 
     assert scorer.SCORER_FILES is artifacts.SCORER_FILES

@@ -166,3 +166,22 @@ def test_recflow_run_ml100k_ease_then_recflow_serve(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert "Traceback" not in out
+
+
+def test_a_learner_with_no_known_item_gets_the_popular_items_of_the_training_data(
+        registry: Registry, tmp_path: Path) -> None:
+    """A version with a data profile answers an empty or all-unknown history with its popular items."""
+    run = train_and_export("EASE")
+    profile = tmp_path / "data_profile.json"
+    profile.write_text(json.dumps({"top_items": [["i5", 0.2], ["i7", 0.1], ["gone", 0.05], ["i3", 0.04]]}))
+    files = sorted(p for p in run.export_dir.iterdir() if p.is_file() and p.name != "model_card.json")
+    registry.publish("ease-pop", "v1", [*files, profile], {"export": {"exported": True}}, promote=True)
+    with TestClient(create_app(registry.root, "ease-pop", poll_seconds=0)) as client:
+        for body in ({"items": [], "k": 3}, {"items": ["zzz"], "ignore_unknown": True}):
+            resp = client.post("/recommendations", json=body)
+            assert resp.status_code == 200, resp.text
+            answer = resp.json()
+            assert answer["fallback"] == "popular"  # an item the model does not know is skipped
+            assert [(r["item"], r["score"]) for r in answer["items"]] == [("i5", 0.2), ("i7", 0.1), ("i3", 0.04)]
+        known = client.post("/recommendations", json={"items": ["i3"], "k": 3}).json()
+        assert known.get("fallback") is None and len(known["items"]) == 3  # the model answers as before
