@@ -24,12 +24,13 @@ import polars as pl
 from pydantic import BaseModel
 
 from core.config import PipelineConfig
-from core.errors import OutcomeLogError
+from core.errors import DataSourceError, OutcomeLogError
 from core.online.settings import EVENTS_DIR, LEARNERS_FILE, REQUESTS_DIR, ABReportSettings
 from core.records import ITEM, TIME, USER
 from core.serving.outcome_log import SPOOL_SUFFIX, read_spool
 
 UNASSIGNED = "unassigned"
+CORRECT = "is_correct"  # question_attempts' correctness column
 OUTCOME_SCHEMA = pl.Schema({"session": pl.String, "item": pl.String, "time": pl.Datetime("us", "UTC"),
                             "correct": pl.Boolean})
 REQUEST_COLUMNS = ("request_id", "ts", "experiment", "arm", "shadow", "entry", "version", "session",
@@ -98,7 +99,7 @@ def read_events(log_dir: Path) -> pl.DataFrame:
 def attempts_outcomes(frame: pl.DataFrame) -> pl.DataFrame:
     """Canonical attempts (``user_id`` already pseudonymised, ``item_id``, ``timestamp``, optional
     ``is_correct``) as outcomes."""
-    correct = pl.col("is_correct").cast(pl.Boolean) if "is_correct" in frame.columns else pl.lit(None, pl.Boolean)
+    correct = pl.col(CORRECT).cast(pl.Boolean) if CORRECT in frame.columns else pl.lit(None, pl.Boolean)
     return frame.select(
         pl.col(USER).cast(pl.String).alias("session"),
         pl.col(ITEM).cast(pl.String).alias("item"),
@@ -123,8 +124,22 @@ def read_attempts(config: PipelineConfig, *, secret_loader: Callable[[str], Any]
     key = resolve_key(config.privacy, secret_loader=secret_loader, source=config.source.kind) \
         if config.pseudonymize else None
     source = make_source(config, secret_loader=secret_loader)
+    if not config.columns.extra:
+        # Correctness needs only is_correct: keep it whenever the source has it (the source keeps
+        # the question_attempts extras on its own only when all five are there).
+        with_correct = config.model_copy(update={"columns": config.columns.model_copy(update={"extra": [CORRECT]})})
+        candidate = make_source(with_correct, secret_loader=secret_loader)
+        try:
+            lazy = candidate.scan()
+            source = candidate
+        except DataSourceError as exc:
+            if CORRECT not in str(exc):
+                raise
+            lazy = source.scan()
+    else:
+        lazy = source.scan()
     try:
-        frame = source.scan().collect()
+        frame = lazy.collect()
     except pl.exceptions.PolarsError as exc:
         raise OutcomeLogError(f"cannot read attempts from {source.name}: {str(exc).strip().splitlines()[0]}") from None
     if key is not None:  # raw learner ids exist only in memory, only until here

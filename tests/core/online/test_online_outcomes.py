@@ -176,3 +176,23 @@ def test_the_record_of_the_reported_experiment_is_found_current_or_archived(tmp_
     (tmp_path / "experiment.json").write_text('{"id": "e2"}')
     with pytest.raises(OutcomeLogError, match="no `arms` list"):
         find_record(tmp_path, "e2")
+
+
+def test_attempts_with_is_correct_but_not_every_question_attempts_column_still_give_correctness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.config import load_config
+    from core.online.outcomes import read_attempts
+    from core.online.simulate import SimArm, SimSettings, simulate
+
+    monkeypatch.setenv("RECFLOW_PSEUDONYM_KEY", "a-test-pseudonym-key-32-bytes-ok")
+    sim = simulate(SimSettings(arms=(SimArm("a", 0.5), SimArm("b", 0.5)), learners=50), "k" * 32)
+    columns = {"columns.user": "user_id", "columns.item": "question_id", "columns.time": "created_at"}
+    sim.attempts.select("user_id", "question_id", "created_at", "is_correct").write_csv(tmp_path / "four.csv")
+    sim.attempts.select("user_id", "question_id", "created_at").write_csv(tmp_path / "three.csv")
+
+    four = read_attempts(load_config(None, {"source.kind": "file", "source.path": tmp_path / "four.csv", **columns}))
+    assert four.height == sim.attempts.height
+    assert four["correct"].to_list() == sim.attempts["is_correct"].to_list()
+    three = read_attempts(load_config(None, {"source.kind": "file", "source.path": tmp_path / "three.csv", **columns}))
+    assert three.height == sim.attempts.height and three["correct"].null_count() == three.height
