@@ -59,6 +59,7 @@ SPOOL_SUFFIX = ".jsonl"  # a flushed batch before its conversion to Parquet
 TEMP_SUFFIX = ".tmp"
 ITEMS_CAP = 200  # a longer request history is logged as counts only (n_items, n_unknown)
 CONVERTER_START_SECONDS = 60.0
+CONVERTER_RESTART_SECONDS = 30.0  # a converter that died is started again at most this often
 READY = b"ready\n"  # the converter's one line on stdout, once it can take spools
 STALE_TEMP_SECONDS = 600.0  # temp files older than this at start are leftovers of a crash
 
@@ -202,6 +203,8 @@ class ParquetLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._child: subprocess.Popen[bytes] | None = None
+        self._child_started = 0.0
+        self.restart_seconds = CONVERTER_RESTART_SECONDS
         self._write_lock = threading.Lock()  # flush() from a caller vs the writer thread
         self._seq = 0
         self._unrotated: list[Path] = []
@@ -350,10 +353,10 @@ class ParquetLog:
 
     def _notify_child(self) -> None:
         """Tell the converter a spool is waiting (one line on its stdin); start it if it is not running."""
-        if os.environ.get("XNOCONV"):
-            return
         child = self._child
         if child is None or child.poll() is not None:
+            if child is not None and time.monotonic() - self._child_started < self.restart_seconds:
+                return  # it died moments after starting (a full disk?): spools wait; no restart loop
             if child is not None:
                 self._error(f"the log converter exited with code {child.returncode}; starting a new one")
             child = self._start_child()
@@ -366,6 +369,7 @@ class ParquetLog:
 
     def _start_child(self) -> subprocess.Popen[bytes]:
         """Start the converter and wait until it is ready, so its start-up (imports) is over before serving."""
+        self._child_started = time.monotonic()
         root = str(Path(__file__).resolve().parents[2])  # where `core` is, installed or a checkout
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         child = self._child = subprocess.Popen(

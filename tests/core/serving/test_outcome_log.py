@@ -228,3 +228,24 @@ def test_read_log_reads_spools_and_keeps_a_row_seen_twice_once(tmp_path: Path) -
     assert table.schema.equals(REQUEST_SCHEMA) and table.column("session").to_pylist() == ["s0", "s1", "s2", "s3"]
     assert convert_spools(folder, "requests") == 2 and not list(folder.glob("*.jsonl"))
     assert read_log(folder, "requests").column("session").to_pylist() == ["s0", "s1", "s2", "s3"]
+
+
+def test_a_converter_that_dies_is_started_again_and_loses_nothing(tmp_path: Path) -> None:
+    log = request_log(tmp_path, converter="process", flush_seconds=0.05)
+    log.restart_seconds = 0.0
+    log.start()
+    folder = tmp_path / "requests"
+    first = log.stats()["converter"]["pid"]
+    for i in range(3):
+        log.submit(_row(i))
+    _wait(lambda: read_log(folder, "requests").num_rows == 3)
+    os.kill(first, signal.SIGKILL)  # mid-file: its temp Parquet is lost, its spools are not
+    _wait(lambda: not log.stats()["converter"]["running"])
+    for i in range(3, 5):
+        log.submit(_row(i))  # the next flush starts a new converter, which takes every spool
+    _wait(lambda: log.stats()["converter"]["running"] and log.stats()["converter"]["pid"] != first)
+    log.close()
+    assert not list(folder.glob("*.jsonl"))
+    table = read_log(folder, "requests")
+    assert table.column("session").to_pylist() == [f"s{i}" for i in range(5)]
+    assert sum(pq.read_table(p).num_rows for p in folder.glob("requests-*.parquet")) == 5
