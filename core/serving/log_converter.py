@@ -12,8 +12,9 @@ Why a paced process: converting is ~10 us of CPU a row. Done as one burst per ba
 5,000 rows) on the serving process, or even at idle priority beside it, it slowed every request
 answered during the burst, which is what a p99 sees (benchmarks/README.md). Here the work comes in
 steps of a few milliseconds with pauses between them (at most ``DUTY`` of a core while behind),
-in another process (never the server's GIL), at a lower priority. It ignores SIGINT, so a Ctrl-C
-in the server's terminal lets the server close the log in order.
+in another process (never the server's GIL), at a lower priority. It ignores SIGINT and SIGTERM
+(a Ctrl-C or a service manager's stop reaches the whole process group): the server closes the
+log in order, and the converter exits at the end of its input. SIGKILL still stops it.
 """
 
 from __future__ import annotations
@@ -186,7 +187,10 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     # Lower the priority before the imports: starting up (pyarrow) is this process's biggest burst.
+    # A Ctrl-C, or a SIGTERM to the whole process group (a service manager, `kill -- -PGID`), also
+    # reaches this process: it lets the server close the log and then finishes at end of input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     sys.exit(main(sys.argv[1:]))

@@ -172,19 +172,25 @@ while True:
 """
 
 
-@pytest.mark.parametrize(("kill_after_batches", "converter"), [(2, "thread"), (3, "thread"), (2, "process")])
+@pytest.mark.parametrize(("kill_after_batches", "converter", "sig"), [
+    (2, "thread", signal.SIGKILL), (3, "thread", signal.SIGKILL), (2, "process", signal.SIGKILL),
+    (2, "process", signal.SIGTERM),  # to the whole process group, as a service manager stops it
+])
 def test_a_crash_mid_write_loses_at_most_the_last_batch(tmp_path: Path, kill_after_batches: int,
-                                                        converter: str) -> None:
+                                                        converter: str, sig: signal.Signals) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(tmp_path), converter], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert child.stdout is not None
     done = 0
     while done < kill_after_batches:
         done = int(child.stdout.readline())
     # Killed while it fills and writes the next batch (each write takes tens of ms).
     time.sleep(0.05 * kill_after_batches)
-    child.send_signal(signal.SIGKILL)
+    if sig == signal.SIGKILL:
+        child.send_signal(sig)  # the writer alone: its converter (if any) sees its input end
+    else:
+        os.killpg(child.pid, sig)  # the writer dies of it; the converter ignores it and finishes
     child.wait(timeout=30)
     folder = tmp_path / "requests"
     if converter == "process":
