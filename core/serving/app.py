@@ -357,8 +357,11 @@ def _validate(model: LoadedModel, req: RecommendationRequest) -> _Job:
                                    f"\"items\" only lists items to exclude")
         user = req.user if isinstance(req.user, str) else str(req.user)
         uid = scorer.user_index.get(user, PADDING)
+        if uid == PADDING and scorer.popular:  # a learner who came after the model: nothing to score from
+            return _Job(model, uid, known, req.k, known if req.exclude_seen else None, popular=True)
         if uid == PADDING:
-            raise BadRequestError(422, f"unknown user {user!r}: {model.name} scores users it was trained on only")
+            raise BadRequestError(422, f"unknown user {user!r}: {model.name} scores users it was trained on only "
+                                   f"(this version has no popular items to fall back on)")
     return _Job(model, uid, known, req.k, known if req.exclude_seen else None)
 
 

@@ -191,6 +191,22 @@ def test_user_model(tmp_path: Path, user_export: Path) -> None:
         assert pad.status_code == 422 and "unknown user" in pad.json()["detail"]
 
 
+def test_a_user_model_answers_a_user_it_never_saw_with_the_popular_items(tmp_path: Path, user_export: Path) -> None:
+    """With the training data's profile in the version, a new learner gets its popular items, minus seen ones."""
+    export = tmp_path / "export"
+    shutil.copytree(user_export, export)
+    (export / "data_profile.json").write_text(json.dumps({"top_items": [["i2", 0.3], ["i1", 0.2], ["i4", 0.1]]}))
+    reg = Registry(tmp_path / "registry")
+    _publish(reg, "tiny-bpr", "v1", export)
+    with TestClient(create_app(reg.root, "tiny-bpr", poll_seconds=0)) as c:
+        new = c.post("/recommendations", json={"user": "nobody", "items": ["i1"], "k": 5}).json()
+        assert new["fallback"] == "popular" and [r["item"] for r in new["items"]] == ["i2", "i4"]
+        known = c.post("/recommendations", json={"user": "u3", "k": 5}).json()
+        assert "fallback" not in known and len(known["items"]) == 5  # a known user: the model answers
+        missing = c.post("/recommendations", json={"items": ["i1"]})
+        assert missing.status_code == 422  # no user at all is still the client's mistake
+
+
 def test_the_declared_route_answers_like_the_fast_path(client: TestClient, registry: Registry) -> None:
     """POST /recommendations is answered by a middleware ahead of routing; the FastAPI route
     behind it (what OpenAPI documents) must give the very same answers."""
