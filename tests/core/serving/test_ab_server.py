@@ -26,6 +26,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from recflow_testdata import TinyRun
+from serve_process import wait_until_serving
 
 from core.data.privacy import pseudonym
 from core.modeling.export import export_model
@@ -71,16 +72,7 @@ class Server:
         # Its own process group: a SIGKILL (a crash) reaches uvicorn's worker processes too.
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{self.base}/healthz", timeout=2)
-                return
-            except httpx.TransportError as exc:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    out = self.proc.stdout.read() if self.proc.stdout else ""
-                    raise AssertionError(f"server did not come up: {out}") from exc
-                time.sleep(0.2)
+        wait_until_serving(self.base, self.proc)
 
     def health(self) -> dict[str, Any]:
         return httpx.get(f"{self.base}/healthz", timeout=5).json()

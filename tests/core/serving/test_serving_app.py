@@ -22,6 +22,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from recflow_testdata import N_ITEMS, TinyRun, tiny_config
+from serve_process import wait_until_serving
 
 from core.data.extract import extract
 from core.errors import ChecksumError, ServingError
@@ -385,17 +386,7 @@ def test_recflow_serve_answers_over_http(registry: Registry, workers: int) -> No
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                health = httpx.get(f"{base}/healthz", timeout=2)
-                break
-            except httpx.TransportError as exc:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    out = proc.stdout.read() if proc.stdout else ""
-                    raise AssertionError(f"server did not come up: {out}") from exc
-                time.sleep(0.2)
-        assert health.json()["version"] == "v1"
+        assert wait_until_serving(base, proc)["version"] == "v1"
         for _ in range(20):  # with --workers 2, both processes answer the same
             resp = httpx.post(f"{base}/recommendations", json={"items": ["i10", "i11", "i12"], "k": 3}, timeout=5)
             assert resp.status_code == 200 and resp.json()["items"][0]["item"] == "i13"

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from history_models import ExportedRun, train_and_export
+from serve_process import wait_until_serving
 
 from core.release.registry import Registry
 from core.serving.app import create_app
@@ -149,15 +149,7 @@ def test_recflow_run_ml100k_ease_then_recflow_serve(tmp_path: Path) -> None:
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{base}/healthz", timeout=2)
-                break
-            except httpx.TransportError as exc:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"server did not come up: {proc.stdout.read() if proc.stdout else ''}") from exc
-                time.sleep(0.2)
+        wait_until_serving(base, proc)
         resp = httpx.post(f"{base}/recommendations", json={"items": ["50", "181", "258"], "k": 10}, timeout=10)
         assert resp.status_code == 200, resp.text
         items = [r["item"] for r in resp.json()["items"]]
