@@ -51,6 +51,7 @@ from core.release.artifacts import (
     MODEL_FILE,
     USER_INPUT,
     USER_VOCAB_FILE,
+    Signature,
     VersionReader,
 )
 
@@ -67,24 +68,38 @@ def _to_champion_ids(champ_tokens: list[str], tonight_tokens: Any) -> np.ndarray
     return np.asarray([0] + [index.get(str(t), 0) for t in list(tonight_tokens)[1:]], dtype=np.int64)
 
 
+def _champion_files(champion_dir: Path) -> tuple[bytes, Signature, list[str], list[str]]:
+    """(graph bytes, signature, item vocabulary, user vocabulary) read through the contract's verifier.
+
+    Raises ``ChampionNotComparableError`` for a champion without a graph or with a file that
+    does not match its checksum, cannot be read, or is malformed.
+    """
+    if not (champion_dir / MODEL_FILE).is_file():
+        raise ChampionNotComparableError(f"champion {champion_dir.name} has no {MODEL_FILE} to re-score")
+    try:
+        reader = VersionReader.open(champion_dir, allow_unverified=True)
+        users = reader.json(USER_VOCAB_FILE) if reader.has(USER_VOCAB_FILE) else []
+        return reader.read(MODEL_FILE), reader.signature(), reader.json(ITEM_VOCAB_FILE), users
+    except RegistryError as exc:
+        raise ChampionNotComparableError(str(exc)) from None
+
+
+def _session(model_bytes: bytes) -> Any:
+    """An onnxruntime CPU session using torch's thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(torch.get_num_threads(), 1)
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
 class _OnnxRatingChampion(torch.nn.Module):
     """A rating champion's pairs graph as a RecBole-shaped model: ``predict`` rates tonight's
     (user, item) pairs on tonight's [0, 1] label scale (what ``evaluation`` maps back)."""
 
     def __init__(self, champion_dir: Path, data: RecBoleData) -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        if not (champion_dir / MODEL_FILE).is_file():
-            raise ChampionNotComparableError(f"champion {champion_dir.name} has no {MODEL_FILE} to re-score")
-        try:
-            reader = VersionReader.open(champion_dir, allow_unverified=True)
-            model_bytes = reader.read(MODEL_FILE)
-            signature = reader.signature()
-            champ_items = reader.json(ITEM_VOCAB_FILE)
-            champ_users = reader.json(USER_VOCAB_FILE) if reader.has(USER_VOCAB_FILE) else []
-        except RegistryError as exc:
-            raise ChampionNotComparableError(str(exc)) from None
+        model_bytes, signature, champ_items, champ_users = _champion_files(champion_dir)
         if not signature.rates_pairs:
             raise ChampionNotComparableError(f"champion {champion_dir.name} ranks items; a rating run cannot "
                                              "compare it")
@@ -99,9 +114,7 @@ class _OnnxRatingChampion(torch.nn.Module):
         self.user_field, self.item_field = ds.uid_field, ds.iid_field
         self.output = signature.output
         self.rated = self.pairs = 0  # pairs the champion could rate, of all it was asked
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(torch.get_num_threads(), 1)
-        self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        self.session = _session(model_bytes)
 
     def predict(self, interaction: Any) -> torch.Tensor:
         users = self.user_to_champ[interaction[self.user_field].cpu().numpy()]
@@ -129,18 +142,7 @@ class _OnnxChampion(torch.nn.Module):
 
     def __init__(self, champion_dir: Path, data: RecBoleData) -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        if not (champion_dir / MODEL_FILE).is_file():
-            raise ChampionNotComparableError(f"champion {champion_dir.name} has no {MODEL_FILE} to re-score")
-        try:
-            reader = VersionReader.open(champion_dir, allow_unverified=True)
-            model_bytes = reader.read(MODEL_FILE)
-            signature = reader.signature()
-            champ_items = reader.json(ITEM_VOCAB_FILE)
-            champ_users = reader.json(USER_VOCAB_FILE) if reader.has(USER_VOCAB_FILE) else []
-        except RegistryError as exc:  # checksum mismatch, unreadable or malformed file
-            raise ChampionNotComparableError(str(exc)) from None
+        model_bytes, signature, champ_items, champ_users = _champion_files(champion_dir)
         if signature.rates_pairs:
             raise ChampionNotComparableError(f"champion {champion_dir.name} is a rating model; a ranking run "
                                              "cannot compare it")
@@ -165,9 +167,7 @@ class _OnnxChampion(torch.nn.Module):
         self.item_len_field = cfg["ITEM_LIST_LENGTH_FIELD"]
         self.user_field = cfg["USER_ID_FIELD"]
         self.device = cfg["device"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(torch.get_num_threads(), 1)
-        self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        self.session = _session(model_bytes)
         # RecBole's trainer builds an optimizer over the model's parameters: give it one.
         self._optimizer_placeholder = torch.nn.Parameter(torch.zeros(1))
 
